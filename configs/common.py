@@ -1,0 +1,274 @@
+"""Building blocks shared by every experiment config.
+
+Each `configs/<experiment>.py` calls `base_config()` and sets the sections that differ. Every number of
+the paper and of the SSD recipe lives here or in an experiment file, never in the library code.
+"""
+
+import ml_collections
+
+# The SSD300 / SSD512 extra layers (REFERENCE.md section 1-2), one tuple per block:
+# (name, mid_channels, out_channels, kernel_px, stride, padding). Each block is a 1x1 conv to
+# mid_channels then a kernel_px conv to out_channels; its output is called `<name>_2`.
+SSD300_EXTRAS = (
+    ("conv8", 256, 512, 3, 2, 1),
+    ("conv9", 128, 256, 3, 2, 1),
+    ("conv10", 128, 256, 3, 1, 0),
+    ("conv11", 128, 256, 3, 1, 0),
+)
+SSD512_EXTRAS = (
+    ("conv8", 256, 512, 3, 2, 1),
+    ("conv9", 128, 256, 3, 2, 1),
+    ("conv10", 128, 256, 3, 2, 1),
+    ("conv11", 128, 256, 3, 2, 1),
+    ("conv12", 128, 256, 4, 1, 1),
+)
+
+# The three Fusion Modules of MDSSD: (name, shallow map, deep map, output channels). The output
+# channels equal the shallow map's, as in the paper's table.
+MDSSD_FUSIONS = (
+    ("fusion1", "conv3_3", "conv8_2", 256),
+    ("fusion2", "conv4_3", "conv9_2", 512),
+    ("fusion3", "conv7", "conv10_2", 1024),
+)
+
+# Pixel conventions of ImageNet VGG16 sources (REFERENCE.md section 3). `input_range` is what a
+# white pixel maps to before mean/std: 1.0 for torchvision/timm, 255 for Caffe-style weights.
+IMAGENET_RGB = dict(channel_order="RGB", input_range=1.0,
+                    mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+
+
+def base_config():
+  """The SSD recipe's defaults; experiment configs override what differs."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # ---- model -------------------------------------------------------------------------------
+  c.model = ml_collections.ConfigDict()
+  c.model.architecture = "ssd"          # "ssd" | "mdssd"
+  c.model.input_size_px = 300
+  c.model.num_classes = 20              # object classes, without background
+  c.model.width_multiplier = 1.0        # scales every hidden conv width; 1.0 = the paper
+  c.model.batch_norm = False            # VGG trunk with batch norm, for training from scratch
+  c.model.l2norm_init_scale = 20.0      # conv4_3's L2Norm initial scale (SSD)
+  c.model.extras = SSD300_EXTRAS
+  c.model.fusions = ()                  # () for plain SSD; MDSSD_FUSIONS for MDSSD
+  c.model.fusion_deconv_channels = 256  # channels of the three deconvs + convs of the upper branch
+  c.model.fusion_l2norm_init_scale = 20.0
+  # The maps that get a prediction head, finest first; their order is the default-box order.
+  c.model.head_sources = ("conv4_3", "conv7", "conv8_2", "conv9_2", "conv10_2", "conv11_2")
+  c.model.dtype = "float32"             # compute dtype: "bfloat16" on GPU/TPU; params stay float32
+  c.model.init_from = ""                # ImageNet VGG16 weights file (safetensors / .pth); "" = none
+  c.model.init_source = "auto"          # "auto" | "timm" | "torchvision" | "ssd_pytorch"
+  # Pixel convention when no weights file says otherwise (a weights file brings its own).
+  c.model.pixel = ml_collections.ConfigDict(IMAGENET_RGB)
+
+  # ---- default boxes (SSD300, VOC) -------------------------------------------------------------
+  c.anchors = ml_collections.ConfigDict()
+  c.anchors.feature_sizes = (38, 19, 10, 5, 3, 1)
+  c.anchors.steps = (8, 16, 32, 64, 100, 300)
+  c.anchors.min_sizes = (30, 60, 111, 162, 213, 264)
+  c.anchors.max_sizes = (60, 111, 162, 213, 264, 315)
+  c.anchors.aspect_ratios = ((2,), (2, 3), (2, 3), (2, 3), (2,), (2,))
+  c.anchors.clip = False                # the final Caffe SSD does not clip
+  c.anchors.variances = (0.1, 0.2)
+
+  # ---- matching and loss ------------------------------------------------------------------------
+  c.loss = ml_collections.ConfigDict()
+  c.loss.iou_threshold = 0.5
+  c.loss.neg_pos_ratio = 3.0
+  c.loss.loc_weight = 1.0
+
+  # ---- data ---------------------------------------------------------------------------------
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "voc/2007+2012"         # registry name, see mdssd_jax/data/registry.py
+  c.data.data_dir = ""                  # TFDS data_dir; "" = TFDS default (~/tensorflow_datasets)
+  c.data.manual_dir = ""                # where `--mode=prepare` finds the official files
+  c.data.train_split = "train"
+  c.data.eval_split = "test"
+  c.data.max_boxes = 64                 # ground-truth slots per image (label 0 = padding)
+  c.data.keep_difficult = True          # Caffe SSD trains on difficult boxes
+  c.data.num_workers = 2                # Grain worker processes per host (0 = in-process)
+  c.data.prefetch_batches = 2           # batches each worker keeps ready
+  c.data.synthetic = ml_collections.ConfigDict()   # used by the synthetic data set only
+  c.data.synthetic.num_train = 2000
+  c.data.synthetic.num_test = 200
+  c.data.synthetic.image_size_px = 300
+  c.data.synthetic.seed = 1234
+  c.data.synthetic.num_classes = 6      # one class per shape (circle, square, triangle, plus, ring, diamond)
+  c.data.synthetic.min_object_px = 8    # object sizes, log-uniform between these (pixels of the image)
+  c.data.synthetic.max_object_px = 48
+  c.data.synthetic.max_objects = 12     # labelled objects per image: 0..max (fewer where overlap is too much)
+  c.data.synthetic.max_distractors = 4  # unlabelled shapes (stars, thin bars) per image: 0..max
+  c.data.tt100k = ml_collections.ConfigDict()      # used by the TT100K data set only
+  c.data.tt100k.classes = ()            # () = the customary 45 classes
+  c.data.tt100k.train_crop_size_px = 512
+  c.data.tt100k.crop_on_object_prob = 0.9  # share of training crops that contain a chosen sign (else anywhere)
+
+  # Caffe SSD's augmentation (REFERENCE.md section 2), in the order it is applied.
+  c.augment = ml_collections.ConfigDict()
+  c.augment.photometric_prob = 0.5      # each distortion fires with this probability
+  c.augment.brightness_delta = 32.0
+  c.augment.contrast_range = (0.5, 1.5)
+  c.augment.saturation_range = (0.5, 1.5)
+  c.augment.hue_delta_deg = 18.0
+  c.augment.channel_swap_prob = 0.0
+  c.augment.expand_prob = 0.5
+  c.augment.expand_max_ratio = 4.0
+  # Crop modes: None = keep the whole image, -1.0 = any crop, else the minimum IoU with some box.
+  c.augment.crop_min_ious = (None, 0.1, 0.3, 0.5, 0.7, 0.9, -1.0)
+  c.augment.crop_scale_range = (0.3, 1.0)
+  c.augment.crop_aspect_range = (0.5, 2.0)
+  c.augment.crop_max_trials = 50
+  c.augment.flip_prob = 0.5
+  # Interpolations of the final warp, one drawn per example (names: linear, area, nearest, cubic,
+  # lanczos4). Caffe SSD's VOC recipe draws from all five; "linear" alone is the common choice.
+  c.augment.resize_interpolations = ("linear",)
+
+  # ---- training -----------------------------------------------------------------------------
+  c.train = ml_collections.ConfigDict()
+  c.train.global_batch_size = 32
+  c.train.num_steps = 120_000
+  c.train.optimizer = "sgd"             # "sgd" | "adamw"
+  c.train.base_lr = 1e-3                # at reference_batch_size; scaled linearly with the batch
+  c.train.reference_batch_size = 32
+  c.train.momentum = 0.9
+  c.train.weight_decay = 5e-4
+  c.train.warmup_steps = 500
+  c.train.warmup_factor = 1.0 / 3.0
+  c.train.lr_decay_steps = (80_000, 100_000)
+  c.train.lr_decay_factor = 0.1
+  c.train.grad_clip_norm = 0.0          # 0 = off
+  c.train.log_every_steps = 100
+  c.train.checkpoint_every_steps = 5_000
+  c.train.keep_checkpoints = 3
+  c.train.profile_steps = 0             # >0: write a profiler trace of that many steps
+
+  # ---- evaluation ---------------------------------------------------------------------------
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_steps = 10_000           # 0 = only at the end
+  c.eval.batch_size = 32
+  c.eval.max_images = 0                 # 0 = the whole split
+  c.eval.metric = "voc"                 # "voc" | "coco" | "tt100k"
+  c.eval.use_07_metric = True           # VOC2007 11-point AP
+  c.eval.iou_threshold = 0.5
+  c.eval.score_threshold = 0.01
+  c.eval.nms_iou = 0.45
+  c.eval.pre_nms_top_k = 200            # per class, before NMS
+  c.eval.top_k = 200                    # per image, after NMS
+  c.eval.best_metric = "mAP"            # which metric picks the best checkpoint
+  c.eval.num_pictures = 8               # pictures of detections written per evaluation
+  c.eval.draw_score_threshold = 0.5     # pictures show detections scoring at least this
+  c.eval.tt100k_score_threshold = 0.5   # TT100K precision/recall count detections scoring >= this
+  # "pycocotools" | "faster_coco_eval": the same twelve numbers; faster_coco_eval is ~4x faster
+  # (benchmarks/bench_eval.py) but needs `pip install faster-coco-eval`.
+  c.eval.coco_backend = "pycocotools"
+  c.eval.tiled = ml_collections.ConfigDict()
+  c.eval.tiled.enabled = False          # tiles of the input size over large images (TT100K)
+  c.eval.tiled.overlap_px = 64
+  return c
+
+
+def ssd300_anchors(c, min_sizes=(30, 60, 111, 162, 213, 264), max_sizes=(60, 111, 162, 213, 264, 315)):
+  """SSD300 default boxes; COCO passes its own sizes."""
+  c.anchors.feature_sizes = (38, 19, 10, 5, 3, 1)
+  c.anchors.steps = (8, 16, 32, 64, 100, 300)
+  c.anchors.min_sizes = min_sizes
+  c.anchors.max_sizes = max_sizes
+  c.anchors.aspect_ratios = ((2,), (2, 3), (2, 3), (2, 3), (2,), (2,))
+
+
+def ssd512_anchors(c, min_sizes=(35.84, 76.8, 153.6, 230.4, 307.2, 384.0, 460.8),
+                   max_sizes=(76.8, 153.6, 230.4, 307.2, 384.0, 460.8, 537.6)):
+  c.anchors.feature_sizes = (64, 32, 16, 8, 4, 2, 1)
+  c.anchors.steps = (8, 16, 32, 64, 128, 256, 512)
+  c.anchors.min_sizes = min_sizes
+  c.anchors.max_sizes = max_sizes
+  c.anchors.aspect_ratios = ((2,), (2, 3), (2, 3), (2, 3), (2, 3), (2,), (2,))
+
+
+def ssd300(c):
+  c.model.architecture = "ssd"
+  c.model.input_size_px = 300
+  c.model.extras = SSD300_EXTRAS
+  c.model.fusions = ()
+  c.model.head_sources = ("conv4_3", "conv7", "conv8_2", "conv9_2", "conv10_2", "conv11_2")
+  ssd300_anchors(c)
+
+
+def ssd512(c):
+  c.model.architecture = "ssd"
+  c.model.input_size_px = 512
+  c.model.extras = SSD512_EXTRAS
+  c.model.fusions = ()
+  c.model.head_sources = ("conv4_3", "conv7", "conv8_2", "conv9_2", "conv10_2", "conv11_2", "conv12_2")
+  ssd512_anchors(c)
+
+
+def mdssd300(c, finest=(15, 30), min_sizes=(30, 60, 111, 162, 213, 264),
+             max_sizes=(60, 111, 162, 213, 264, 315)):
+  """MDSSD300: Fusion Modules 1-3 replace conv4_3/conv7 as heads (seven heads, REFERENCE.md section 1).
+
+  The paper gives no default boxes for the 75x75 map: SSD's ladder extended one rung down (`finest`
+  = (min, max) size in pixels); the ratio {2} on the two finest maps.
+  """
+  c.model.architecture = "mdssd"
+  c.model.input_size_px = 300
+  c.model.extras = SSD300_EXTRAS
+  c.model.fusions = MDSSD_FUSIONS
+  c.model.head_sources = ("fusion1", "fusion2", "fusion3", "conv8_2", "conv9_2", "conv10_2", "conv11_2")
+  c.anchors.feature_sizes = (75, 38, 19, 10, 5, 3, 1)
+  c.anchors.steps = (4, 8, 16, 32, 64, 100, 300)
+  c.anchors.min_sizes = (finest[0],) + tuple(min_sizes)
+  c.anchors.max_sizes = (finest[1],) + tuple(max_sizes)
+  c.anchors.aspect_ratios = ((2,), (2,), (2, 3), (2, 3), (2, 3), (2,), (2,))
+
+
+def mdssd512(c, finest=(20.48, 35.84), min_sizes=(35.84, 76.8, 153.6, 230.4, 307.2, 384.0, 460.8),
+             max_sizes=(76.8, 153.6, 230.4, 307.2, 384.0, 460.8, 537.6)):
+  """MDSSD512: our reading of the paper's "tiny modifications": fusions at 128/64/32 + conv8_2..conv12_2."""
+  c.model.architecture = "mdssd"
+  c.model.input_size_px = 512
+  c.model.extras = SSD512_EXTRAS
+  c.model.fusions = MDSSD_FUSIONS
+  c.model.head_sources = ("fusion1", "fusion2", "fusion3", "conv8_2", "conv9_2", "conv10_2",
+                          "conv11_2", "conv12_2")
+  c.anchors.feature_sizes = (128, 64, 32, 16, 8, 4, 2, 1)
+  c.anchors.steps = (4, 8, 16, 32, 64, 128, 256, 512)
+  c.anchors.min_sizes = (finest[0],) + tuple(min_sizes)
+  c.anchors.max_sizes = (finest[1],) + tuple(max_sizes)
+  c.anchors.aspect_ratios = ((2,), (2,), (2, 3), (2, 3), (2, 3), (2, 3), (2,), (2,))
+
+
+def voc(c):
+  """VOC07+12 trainval -> VOC07 test, the paper's VOC protocol (REFERENCE.md section 2)."""
+  c.model.num_classes = 20
+  c.data.name = "voc/2007+2012"
+  c.data.train_split = "trainval"
+  c.data.eval_split = "test"
+  c.data.max_boxes = 64
+  c.eval.metric = "voc"
+  c.eval.use_07_metric = True
+  c.train.global_batch_size = 32
+  c.train.num_steps = 120_000
+  c.train.base_lr = 1e-3
+  c.train.lr_decay_steps = (80_000, 100_000)
+
+
+def coco(c):
+  """COCO 2017 train -> val, mmdetection's schedule (120 epochs at batch 64, lr 2e-3)."""
+  c.model.num_classes = 80
+  c.data.name = "coco/2017"
+  c.data.train_split = "train"
+  c.data.eval_split = "validation"
+  c.data.max_boxes = 128
+  c.data.keep_difficult = True
+  c.eval.metric = "coco"
+  c.eval.best_metric = "AP"
+  c.eval.every_steps = 50_000
+  c.eval.pre_nms_top_k = 400
+  c.train.global_batch_size = 64
+  c.train.reference_batch_size = 64
+  c.train.base_lr = 2e-3
+  steps_per_epoch = 118_287 // 64
+  c.train.num_steps = 120 * steps_per_epoch
+  c.train.lr_decay_steps = (80 * steps_per_epoch, 110 * steps_per_epoch)

@@ -1,0 +1,258 @@
+"""The data sets, looked up by `config.data.name`, and random access to their prepared splits.
+
+A data set is one or more TFDS builders ("parts": voc/2007+2012 is two) in array_record format under
+config.data.data_dir. Add one with `register(name, factory)`: factory(data_cfg) -> DatasetInfo.
+"""
+
+import bisect
+import dataclasses
+import logging
+import os
+from typing import Callable, Mapping, Optional, Sequence
+
+import tensorflow_datasets as tfds
+
+from mdssd_jax.data import coco
+from mdssd_jax.data import synthetic
+from mdssd_jax.data import tt100k
+from mdssd_jax.data import voc
+
+FILE_FORMAT = "array_record"   # Grain needs random access: tfds.data_source reads array_record only
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+  """One TFDS builder of a data set.
+
+  make_builder(data_dir or None) -> tfds builder (array_record); missing_files(manual_dir) -> None when
+  the official files are there, else a message naming them (None for generated data sets).
+  """
+  tfds_name: str
+  make_builder: Callable[[Optional[str]], tfds.core.DatasetBuilder]
+  missing_files: Callable[[str], Optional[str]] = lambda manual_dir: None
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What the trainer and evaluators need to know about a data set, before reading it.
+
+  class_names[k] is the name of label k + 1 (label 0 = background / padding).
+  train_parts / eval_parts: indices into `parts` read for training / evaluation (voc/2007+2012
+  trains on both years, evaluates on 2007 only). split_aliases: e.g. "trainval" -> "train+validation".
+  label_to_category_id: COCO: our label -> the data set's category id. train_crop_size_px > 0: take
+  square crops of that many pixels at full resolution before augmenting (TT100K).
+  auto_prepare: built on first use (generated, cheap) instead of asking for --mode=prepare.
+  """
+  name: str
+  class_names: Sequence[str]
+  parts: Sequence[Part]
+  train_parts: Sequence[int] = (0,)
+  eval_parts: Sequence[int] = (0,)
+  split_aliases: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  label_to_category_id: Optional[Mapping[int, int]] = None
+  train_crop_size_px: int = 0
+  crop_on_object_prob: float = 0.0
+  auto_prepare: bool = False
+  needs: str = ""              # the official files, for messages and the README
+
+  @property
+  def num_classes(self):
+    return len(self.class_names)
+
+
+_BUILDERS = {}
+
+
+def _cached_builder(cls, config, data_dir):
+  # One instance per process, config and data_dir: building the DatasetInfo is not free, and TFDS
+  # logs a warning for each instance of a custom (config-derived) BuilderConfig.
+  key = (cls, getattr(config, "name", config), data_dir)
+  if any(config is registered for registered in cls.BUILDER_CONFIGS):
+    # By name: a builder pickles its arguments (Grain workers unpickle it), and TFDS refuses a copy
+    # of a registered BuilderConfig object.
+    config = config.name
+  if key not in _BUILDERS:
+    _BUILDERS[key] = cls(config=config, data_dir=data_dir, file_format=FILE_FORMAT)
+  return _BUILDERS[key]
+
+
+def _builder(cls, config=None):
+  def make(data_dir):
+    return _cached_builder(cls, config, data_dir or None)
+  return make
+
+
+def _synthetic(data_cfg):
+  spec = synthetic.spec_from_config(data_cfg.synthetic)
+  part = Part(f"synthetic_small_objects/{spec.config_name()}",
+              _builder(synthetic.SyntheticSmallObjects, synthetic.builder_config(spec)))
+  return DatasetInfo(name="synthetic_small_objects", class_names=spec.class_names, parts=(part,),
+                     auto_prepare=True, needs="nothing (generated from config.data.synthetic)")
+
+
+_VOC_ALIASES = {"trainval": "train+validation"}
+
+
+def _voc_part(year):
+  return Part(f"mdssd_voc/{year}", _builder(voc.MdssdVoc, year),
+              lambda manual_dir: voc.missing_files_message(manual_dir, year))
+
+
+def _voc_needs(*years):
+  return " + ".join(" + ".join(voc.VOC_ARCHIVES[y]) for y in years) + " (or their VOCdevkit/ folders)"
+
+
+def _voc(year):
+  def factory(data_cfg):
+    del data_cfg
+    return DatasetInfo(name=f"voc/{year}", class_names=list(voc.VOC_LABELS), parts=(_voc_part(year),),
+                       split_aliases=_VOC_ALIASES, needs=_voc_needs(year))
+  return factory
+
+
+def _voc_union(data_cfg):
+  del data_cfg
+  return DatasetInfo(name="voc/2007+2012", class_names=list(voc.VOC_LABELS),
+                     parts=(_voc_part("2007"), _voc_part("2012")), train_parts=(0, 1), eval_parts=(0,),
+                     split_aliases=_VOC_ALIASES, needs=_voc_needs("2007", "2012"))
+
+
+def _coco(data_cfg):
+  del data_cfg
+  part = Part("mdssd_coco/2017", _builder(coco.MdssdCoco, "2017"), coco.missing_files_message)
+  return DatasetInfo(name="coco/2017", class_names=list(coco.COCO_CLASS_NAMES), parts=(part,),
+                     label_to_category_id=coco.label_to_category_id(),
+                     needs="annotations/instances_{train,val}2017.json + train2017/ + val2017/")
+
+
+def _tt100k(data_cfg):
+  cfg = data_cfg.tt100k
+  builder_config = tt100k.builder_config(tuple(cfg.classes))
+  part = Part(f"tt100k/{builder_config.name}", _builder(tt100k.Tt100k, builder_config),
+              tt100k.missing_files_message)
+  return DatasetInfo(name="tt100k", class_names=list(builder_config.classes), parts=(part,),
+                     train_crop_size_px=int(cfg.train_crop_size_px),
+                     crop_on_object_prob=float(cfg.crop_on_object_prob),
+                     needs="annotations.json + train/ + test/ (TT100K's data/ folder)")
+
+
+_REGISTRY = {
+    "synthetic_small_objects": _synthetic,
+    "voc/2007": _voc("2007"),
+    "voc/2012": _voc("2012"),
+    "voc/2007+2012": _voc_union,
+    "coco/2017": _coco,
+    "tt100k": _tt100k,
+}
+
+
+def register(name, factory):
+  """Adds a data set: factory(data_cfg) -> DatasetInfo."""
+  if name in _REGISTRY:
+    raise ValueError(f"data set {name!r} is already registered")
+  _REGISTRY[name] = factory
+
+
+def known_datasets():
+  return sorted(_REGISTRY)
+
+
+def get_dataset(data_cfg):
+  """DatasetInfo of config.data.name; raises ValueError listing the known names for an unknown one."""
+  if data_cfg.name not in _REGISTRY:
+    raise ValueError(f"unknown data set {data_cfg.name!r}; known: {', '.join(known_datasets())} "
+                     "(set --config.data.name=...)")
+  return _REGISTRY[data_cfg.name](data_cfg)
+
+
+# ---- preparation state and random access ----------------------------------------------------------
+
+def default_manual_dir(data_dir):
+  """TFDS's default place for manually downloaded files: <data_dir>/downloads/manual."""
+  root = data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+  return os.path.join(root, "downloads", "manual")
+
+
+def prepare_part(part, data_dir, manual_dir):
+  """Builds one part in array_record format (a no-op when it is prepared); returns the builder."""
+  builder = part.make_builder(data_dir)
+  if builder.is_prepared():
+    return builder
+  message = part.missing_files(manual_dir)
+  if message:
+    raise FileNotFoundError(message)
+  logging.info("preparing %s in %s", part.tfds_name, builder.data_dir)
+  try:
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir or None))
+  except Exception:
+    # Another process may have prepared the same data concurrently (shared data_dir).
+    if not part.make_builder(data_dir).is_prepared():
+      raise
+  return part.make_builder(data_dir)
+
+
+def prepared_builders(info, data_dir, part_indices, config_path_hint="CONFIG"):
+  """The builders of `part_indices`, prepared; auto-prepares generated data, else raises."""
+  builders = []
+  for i in part_indices:
+    part = info.parts[i]
+    builder = part.make_builder(data_dir)
+    if not builder.is_prepared():
+      if not info.auto_prepare:
+        raise FileNotFoundError(
+            f"data set {info.name!r} ({part.tfds_name}) is not prepared in "
+            f"{builder.data_dir_root}. Run once:\n  python main.py --config={config_path_hint} "
+            f"--mode=prepare --config.data.manual_dir=DIR\nwith DIR holding {info.needs}.")
+      logging.info("%s is not prepared yet: generating it in %s (no files needed)", info.name,
+                   builder.data_dir_root)
+      builder = prepare_part(part, data_dir, "")
+    fmt = builder.info.file_format
+    if fmt is not None and getattr(fmt, "value", fmt) != FILE_FORMAT:
+      raise ValueError(f"{builder.data_path} holds {getattr(fmt, 'value', fmt)} files; Grain needs "
+                       f"{FILE_FORMAT}: delete that folder and rerun --mode=prepare")
+    builders.append(builder)
+  return builders
+
+
+class ConcatSource:
+  """Random access over several data sources one after the other (len, [i])."""
+
+  def __init__(self, sources):
+    self._sources = list(sources)
+    self._starts = [0]
+    for s in self._sources:
+      self._starts.append(self._starts[-1] + len(s))
+
+  def __len__(self):
+    return self._starts[-1]
+
+  def __getitem__(self, index):
+    index = int(index)
+    if not 0 <= index < len(self):
+      raise IndexError(f"record {index} out of range [0, {len(self)})")
+    k = bisect.bisect_right(self._starts, index) - 1
+    return self._sources[k][index - self._starts[k]]
+
+  def __repr__(self):
+    return f"ConcatSource({self._sources!r})"
+
+
+def open_split(info, data_dir, split, for_eval=False):
+  """Random access to `split` (aliases and "a+b" resolved) over the train or eval parts.
+
+  Records are TFDS examples with the image left encoded (bytes): the pipeline decodes it itself so
+  that a damaged image can be skipped instead of raising inside the data source.
+  """
+  builders = prepared_builders(info, data_dir, info.eval_parts if for_eval else info.train_parts)
+  names = info.split_aliases.get(split, split).split("+")
+  sources = []
+  for builder in builders:
+    for name in names:
+      if name not in builder.info.splits:
+        raise ValueError(f"data set {info.name!r} ({builder.name}/{builder.builder_config.name}) has no "
+                         f"split {name!r}; it has {', '.join(sorted(builder.info.splits))}"
+                         + (f" (and the aliases {dict(info.split_aliases)})" if info.split_aliases else ""))
+      sources.append(builder.as_data_source(split=name,
+                                            decoders={"image": tfds.decode.SkipDecoding()}))
+  return sources[0] if len(sources) == 1 else ConcatSource(sources)

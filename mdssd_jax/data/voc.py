@@ -1,0 +1,228 @@
+"""PASCAL VOC 2007 / 2012 as a TFDS builder that reads the official files offline.
+
+Why our own builder rather than TFDS's `voc`: TFDS's builder wants every file of its URL list, with
+its registered sha256, in manual_dir, including `VOC2012test.tar`, which only the evaluation server
+hands out (and which has no annotations), and it cannot read an already extracted `VOCdevkit/`. This
+one reads the official tar files or the extracted VOCdevkit folders, with TFDS voc's features and splits.
+"""
+
+import os
+import tarfile
+import xml.etree.ElementTree as ElementTree
+import zipfile
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+VOC_LABELS = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+              "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+              "train", "tvmonitor")
+VOC_POSES = ("frontal", "rear", "left", "right", "unspecified")
+
+# The official archives of each year (the names the VOC site gives them) and the splits they hold.
+VOC_ARCHIVES = {
+    "2007": {"VOCtrainval_06-Nov-2007.tar": ("train", "validation"),
+             "VOCtest_06-Nov-2007.tar": ("test",)},
+    "2012": {"VOCtrainval_11-May-2012.tar": ("train", "validation")},
+}
+# Split -> the ImageSets/Main list that names its images.
+_SPLIT_LISTS = {"train": "train.txt", "validation": "val.txt", "test": "test.txt"}
+
+
+class OfficialFiles:
+  """Reads members of an official data set layout from folders, .tar and .zip files alike.
+
+  `roots` are searched in order; a member is a relative path such as
+  "VOCdevkit/VOC2007/Annotations/000005.xml". Archives are indexed once (names only).
+  """
+
+  def __init__(self, roots):
+    self._folders, self._archives = [], []
+    for root in roots:
+      if os.path.isdir(root):
+        self._folders.append(root)
+      elif os.path.isfile(root):
+        self._archives.append(_Archive(root))
+
+  def find(self, member):
+    """Where `member` is (a folder path or an archive), or None."""
+    for folder in self._folders:
+      if os.path.isfile(os.path.join(folder, member)):
+        return folder
+    for archive in self._archives:
+      if archive.has(member):
+        return archive
+    return None
+
+  def read(self, member):
+    where = self.find(member)
+    if where is None:
+      raise FileNotFoundError(f"{member} is in none of {self.describe()}")
+    if isinstance(where, str):
+      with open(os.path.join(where, member), "rb") as f:
+        return f.read()
+    return where.read(member)
+
+  def describe(self):
+    return ", ".join(self._folders + [a.path for a in self._archives]) or "(nothing found)"
+
+  def close(self):
+    for archive in self._archives:
+      archive.close()
+
+
+class _Archive:
+  """A .tar or .zip file, opened lazily, with its member names indexed."""
+
+  def __init__(self, path):
+    self.path = path
+    self._handle = None
+    self._names = None
+
+  def _open(self):
+    if self._handle is None:
+      if zipfile.is_zipfile(self.path):
+        self._handle = zipfile.ZipFile(self.path)
+        self._names = {n.rstrip("/"): n for n in self._handle.namelist()}
+      else:
+        self._handle = tarfile.open(self.path)
+        self._names = {m.name.removeprefix("./"): m for m in self._handle.getmembers() if m.isfile()}
+    return self._handle
+
+  def has(self, member):
+    self._open()
+    return member in self._names
+
+  def read(self, member):
+    handle = self._open()
+    if isinstance(handle, zipfile.ZipFile):
+      return handle.read(self._names[member])
+    with handle.extractfile(self._names[member]) as f:
+      return f.read()
+
+  def close(self):
+    if self._handle is not None:
+      self._handle.close()
+      self._handle = None
+
+
+def _roots(manual_dir, year):
+  """Where a year's files may be: the archives, and extracted folders (with or without VOCdevkit/)."""
+  return [os.path.join(manual_dir, name) for name in VOC_ARCHIVES[year]] + [manual_dir]
+
+
+def _member(year, *parts):
+  return "/".join(("VOCdevkit", f"VOC{year}") + parts)
+
+
+def missing_files_message(manual_dir, year):
+  """None when manual_dir holds what voc/<year> needs; else what to put where."""
+  files = OfficialFiles(_roots(manual_dir, year))
+  try:
+    missing = [split for split, listing in _SPLIT_LISTS.items()
+               if split in _year_splits(year)
+               and files.find(_member(year, "ImageSets", "Main", listing)) is None]
+  finally:
+    files.close()
+  if not missing:
+    return None
+  archives = "\n".join(f"    {os.path.join(manual_dir, name)}   (splits: {', '.join(splits)})"
+                       for name, splits in VOC_ARCHIVES[year].items())
+  return (f"voc/{year}: the {', '.join(missing)} split(s) are missing in {manual_dir}. Put the official "
+          f"files there, unchanged:\n{archives}\nor their extracted folder "
+          f"{os.path.join(manual_dir, 'VOCdevkit', f'VOC{year}')}/ (Annotations/, JPEGImages/, "
+          "ImageSets/Main/). Set --config.data.manual_dir to that folder.")
+
+
+def _year_splits(year):
+  return tuple(s for splits in VOC_ARCHIVES[year].values() for s in splits)
+
+
+def parse_annotation(xml_bytes):
+  """One VOC XML annotation -> list of TFDS voc `objects` dicts (boxes clipped to the image)."""
+  root = ElementTree.fromstring(xml_bytes)
+  size = root.find("size")
+  width, height = float(size.find("width").text), float(size.find("height").text)
+  objects = []
+  for obj in root.findall("object"):
+    box = obj.find("bndbox")
+    xmin, ymin, xmax, ymax = (float(box.find(k).text) for k in ("xmin", "ymin", "xmax", "ymax"))
+    flag = lambda key: obj.find(key) is not None and obj.find(key).text.strip() == "1"
+    pose = obj.find("pose")
+    pose = pose.text.strip().lower() if pose is not None and pose.text else "unspecified"
+    # TFDS voc's convention: pixel coordinate / image size (no +1), clipped so BBoxFeature accepts it.
+    ymin_n, xmin_n, ymax_n, xmax_n = np.clip([ymin / height, xmin / width, ymax / height, xmax / width],
+                                             0.0, 1.0)
+    objects.append({
+        "label": obj.find("name").text.strip().lower(),
+        "pose": pose if pose in VOC_POSES else "unspecified",
+        "bbox": tfds.features.BBox(ymin_n, xmin_n, max(ymax_n, ymin_n), max(xmax_n, xmin_n)),
+        "is_truncated": flag("truncated"),
+        "is_difficult": flag("difficult"),
+    })
+  return objects
+
+
+class VocConfig(tfds.core.BuilderConfig):
+
+  def __init__(self, *, year, **kwargs):
+    super().__init__(name=year, version=tfds.core.Version("1.0.0"), **kwargs)
+    self.year = year
+
+
+class MdssdVoc(tfds.core.GeneratorBasedBuilder):
+  """PASCAL VOC from the official tar files or VOCdevkit folders in manual_dir (no download)."""
+
+  BUILDER_CONFIGS = [VocConfig(year="2007"), VocConfig(year="2012")]
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+      "Put VOCtrainval_06-Nov-2007.tar and VOCtest_06-Nov-2007.tar (2007) or "
+      "VOCtrainval_11-May-2012.tar (2012), or the extracted VOCdevkit/ folder, in manual_dir.")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=__doc__,
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+            "image/filename": tfds.features.Text(),
+            "objects": tfds.features.Sequence({
+                "label": tfds.features.ClassLabel(names=VOC_LABELS),
+                "bbox": tfds.features.BBoxFeature(),
+                "pose": tfds.features.ClassLabel(names=VOC_POSES),
+                "is_truncated": np.bool_,
+                "is_difficult": np.bool_,
+            }),
+            "labels": tfds.features.Sequence(tfds.features.ClassLabel(names=VOC_LABELS)),
+            "labels_no_difficult": tfds.features.Sequence(tfds.features.ClassLabel(names=VOC_LABELS)),
+        }),
+        homepage=f"http://host.robots.ox.ac.uk/pascal/VOC/voc{self.builder_config.year}/",
+        disable_shuffling=True,  # record i = line i of the ImageSets list
+    )
+
+  def _split_generators(self, dl_manager):
+    # The private attribute: the public `manual_dir` raises its own, less specific error first.
+    manual_dir = os.fspath(getattr(dl_manager, "_manual_dir", None) or "")
+    year = self.builder_config.year
+    message = missing_files_message(manual_dir, year)
+    if message:
+      raise FileNotFoundError(message)
+    return {split: self._generate_examples(manual_dir, split) for split in _year_splits(year)}
+
+  def _generate_examples(self, manual_dir, split):
+    year = self.builder_config.year
+    files = OfficialFiles(_roots(manual_dir, year))
+    try:
+      listing = files.read(_member(year, "ImageSets", "Main", _SPLIT_LISTS[split])).decode()
+      for image_id in (line.strip() for line in listing.splitlines()):
+        if not image_id:
+          continue
+        objects = parse_annotation(files.read(_member(year, "Annotations", f"{image_id}.xml")))
+        yield image_id, {
+            "image": files.read(_member(year, "JPEGImages", f"{image_id}.jpg")),
+            "image/filename": f"{image_id}.jpg",
+            "objects": objects,
+            "labels": sorted({o["label"] for o in objects}),
+            "labels_no_difficult": sorted({o["label"] for o in objects if not o["is_difficult"]}),
+        }
+    finally:
+      files.close()

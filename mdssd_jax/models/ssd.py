@@ -1,0 +1,222 @@
+"""SSD and MDSSD detectors: VGG16 trunk, extra layers, optional Fusion Blocks, prediction heads.
+
+Everything comes from `config.model` (layers, widths, dtype) and `config.anchors` (boxes per cell);
+the heads' outputs are concatenated in exactly the default-box order of `mdssd_jax.anchors`.
+"""
+
+from typing import Any, Dict, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mdssd_jax import anchors as anchors_lib
+from mdssd_jax.models import fusion as fusion_lib
+from mdssd_jax.models import vgg
+
+# The trunk map an SSD head L2-normalises before predicting (conv4_3's activations are much larger
+# than the deeper maps'; ParseNet's fix, used by every SSD). The Fusion Blocks take the raw map.
+NORMALISED_HEAD_SOURCE = "conv4_3"
+# The trunk map the extra layers start from.
+EXTRAS_INPUT = "conv7"
+# Sown head maps (collection "intermediates"), used to read the head sizes without computing.
+HEAD_MAPS = "head_maps"
+
+
+class SSD(nn.Module):
+  """An SSD / MDSSD detector.
+
+  Attributes:
+    num_classes: object classes C, without background.
+    head_sources: map names with a prediction head, finest first (the default-box layer order).
+    boxes_per_cell: default boxes per cell k of each head (2 + 2 * number of aspect ratios).
+    extras: (name, mid, out, kernel, stride, padding) blocks after conv7, giving `<name>_2` maps.
+    fusions: (name, shallow source, deep source, out channels) Fusion Blocks, giving `<name>` maps.
+    width_multiplier: scales trunk, extra and fusion widths (not the heads' outputs).
+    batch_norm: BatchNorm after every trunk and extra conv ("batch_stats" collection).
+    l2norm_init_scale: initial scale of conv4_3's L2Norm when conv4_3 has a head.
+    fusion_deconv_channels, fusion_l2norm_init_scale: Fusion Block settings (see FusionBlock).
+    dtype: compute dtype (params float32).
+  Call: images (B, S, S, 3) float (already normalised), train ->
+    loc_preds (B, A, 4) float32 offsets, cls_logits (B, A, C + 1) float32 (class 0 = background),
+    A = sum over heads of h * w * k, ordered (head, row, column, box in cell).
+  """
+  num_classes: int
+  head_sources: Tuple[str, ...]
+  boxes_per_cell: Tuple[int, ...]
+  extras: Tuple[Tuple[Any, ...], ...] = ()
+  fusions: Tuple[Tuple[Any, ...], ...] = ()
+  width_multiplier: float = 1.0
+  batch_norm: bool = False
+  l2norm_init_scale: float = 20.0
+  fusion_deconv_channels: int = 256
+  fusion_l2norm_init_scale: float = 20.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, train: bool):
+    width = lambda c: vgg.scaled_width(c, self.width_multiplier)
+    maps = dict(vgg.VGG16Trunk(self.width_multiplier, self.batch_norm, self.dtype, name="vgg")(
+        images, train))
+
+    x = maps[EXTRAS_INPUT]
+    for name, mid, out, kernel, stride, padding in self.extras[:_num_extras_needed(self)]:
+      x = vgg.ConvReLU(width(mid), kernel_size=1, padding=0, batch_norm=self.batch_norm,
+                       dtype=self.dtype, name=f"{name}_1")(x, train)
+      x = vgg.ConvReLU(width(out), kernel_size=kernel, stride=stride, padding=padding,
+                       batch_norm=self.batch_norm, dtype=self.dtype, name=f"{name}_2")(x, train)
+      maps[f"{name}_2"] = x
+
+    for name, shallow, deep, out in self.fusions:
+      maps[name] = fusion_lib.FusionBlock(
+          width(self.fusion_deconv_channels), width(out), self.fusion_l2norm_init_scale,
+          dtype=self.dtype, name=name)(maps[shallow], maps[deep])
+
+    locs, logits = [], []
+    for source, k in zip(self.head_sources, self.boxes_per_cell):
+      x = maps[source]
+      if source == NORMALISED_HEAD_SOURCE:
+        x = vgg.L2Norm(self.l2norm_init_scale, dtype=self.dtype, name=f"{source}_norm")(x)
+      self.sow("intermediates", HEAD_MAPS, x)
+      head = lambda features, suffix: nn.Conv(
+          features, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, param_dtype=jnp.float32,
+          kernel_init=vgg.KERNEL_INIT, bias_init=vgg.BIAS_INIT, name=f"{source}_{suffix}")(x)
+      batch = x.shape[0]
+      # (B, h, w, k * 4) -> (B, h * w * k, 4): channel index = box_in_cell * 4 + coordinate, so a
+      # row-major reshape gives the (row, column, box in cell) order of the default boxes.
+      locs.append(head(k * 4, "loc").reshape(batch, -1, 4))
+      logits.append(head(k * (self.num_classes + 1), "conf").reshape(batch, -1,
+                                                                      self.num_classes + 1))
+    return (jnp.concatenate(locs, axis=1).astype(jnp.float32),
+            jnp.concatenate(logits, axis=1).astype(jnp.float32))
+
+
+def _num_extras_needed(model) -> int:
+  """How many extra blocks the heads and fusions reach (a config may drop the last ones)."""
+  used = set(model.head_sources) | {s for f in model.fusions for s in f[1:3]}
+  needed = 0
+  for i, block in enumerate(model.extras):
+    if f"{block[0]}_2" in used:
+      needed = i + 1
+  return needed
+
+
+def _model_and_anchor_sections(config, anchors_cfg=None):
+  """(model_cfg, anchors_cfg) from either a full config or a model section (+ anchors section)."""
+  if "model" in config:
+    return config["model"], config["anchors"] if anchors_cfg is None else anchors_cfg
+  return config, anchors_cfg
+
+
+def _check_sources(model_cfg):
+  """Raises ValueError if a head or fusion names a map the model does not make."""
+  known = list(vgg.map_names()) + [f"{e[0]}_2" for e in model_cfg.extras]
+  for name, shallow, deep, _ in model_cfg.fusions:
+    for source in (shallow, deep):
+      if source not in known:
+        raise ValueError(f"fusion {name!r} takes map {source!r}, which the model does not make "
+                         f"before it; known maps: {known} (config.model.fusions)")
+    known.append(name)
+  for source in model_cfg.head_sources:
+    if source not in known:
+      raise ValueError(f"head source {source!r} is not a map of the model; known maps: {known} "
+                       f"(config.model.head_sources)")
+
+
+def build_model(model_cfg, anchors_cfg=None) -> SSD:
+  """The detector module described by `config.model`, with boxes per cell from `config.anchors`.
+
+  Args:
+    model_cfg: `config.model`, or the whole config (then its `anchors` section is used).
+    anchors_cfg: `config.anchors` (its aspect_ratios give each head's boxes per cell). Needed unless
+      model_cfg is the whole config.
+  Returns:
+    an `SSD` module: module.apply(variables, images (B, S, S, 3), train) -> (loc_preds, cls_logits).
+  """
+  model_cfg, anchors_cfg = _model_and_anchor_sections(model_cfg, anchors_cfg)
+  if anchors_cfg is None:
+    raise ValueError("build_model needs the anchors section for the boxes per cell: call "
+                     "build_model(config.model, config.anchors) or build_model(config)")
+  heads, ratios = tuple(model_cfg.head_sources), tuple(anchors_cfg.aspect_ratios)
+  if len(heads) != len(ratios):
+    raise ValueError(f"config.model.head_sources has {len(heads)} heads {list(heads)} but "
+                     f"config.anchors.aspect_ratios has {len(ratios)} entries: give one per head")
+  return _build(model_cfg, tuple(anchors_lib.num_boxes_per_cell(r) for r in ratios))
+
+
+def _build(model_cfg, boxes_per_cell) -> SSD:
+  _check_sources(model_cfg)
+  if not model_cfg.width_multiplier > 0:
+    raise ValueError(f"config.model.width_multiplier must be > 0, got {model_cfg.width_multiplier}")
+  return SSD(
+      num_classes=int(model_cfg.num_classes),
+      head_sources=tuple(model_cfg.head_sources),
+      boxes_per_cell=tuple(int(k) for k in boxes_per_cell),
+      extras=tuple(tuple(e) for e in model_cfg.extras),
+      fusions=tuple(tuple(f) for f in model_cfg.fusions),
+      width_multiplier=float(model_cfg.width_multiplier),
+      batch_norm=bool(model_cfg.batch_norm),
+      l2norm_init_scale=float(model_cfg.l2norm_init_scale),
+      fusion_deconv_channels=int(model_cfg.fusion_deconv_channels),
+      fusion_l2norm_init_scale=float(model_cfg.fusion_l2norm_init_scale),
+      dtype=jnp.dtype(model_cfg.dtype))
+
+
+def abstract_forward(model: SSD, image_size: int, batch_size: int = 1):
+  """Shapes of a forward pass, computed with jax.eval_shape (no FLOPs, no memory).
+
+  Returns: (variables, (loc_preds, cls_logits), head_maps) as ShapeDtypeStructs; variables holds
+    "params" (and "batch_stats" with batch norm); head_maps is a tuple in head order.
+  """
+  images = jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.float32)
+
+  def init(rng, x):
+    # mutable=True: init leaves "intermediates" out by default, and the sown head maps are wanted.
+    outputs, variables = model.init_with_output(rng, x, train=False, mutable=True)
+    return variables, outputs
+
+  variables, outputs = jax.eval_shape(init, jax.random.key(0), images)
+  variables = dict(variables)
+  head_maps = variables.pop("intermediates")[HEAD_MAPS]
+  return variables, outputs, tuple(head_maps)
+
+
+def feature_sizes(model_cfg) -> Tuple[int, ...]:
+  """Side of each head's map, finest first, for `config.model` (or the whole config); no compute."""
+  model_cfg, _ = _model_and_anchor_sections(model_cfg)
+  # Map sizes do not depend on the boxes per cell: one box per cell is enough to trace the model.
+  model = _build(model_cfg, (1,) * len(model_cfg.head_sources))
+  _, _, maps = abstract_forward(model, int(model_cfg.input_size_px))
+  return tuple(int(m.shape[1]) for m in maps)
+
+
+def build_detector(config) -> Tuple[SSD, np.ndarray]:
+  """The model and its default boxes for a whole config, checked against each other.
+
+  Returns: (model, anchors_cxcywh np.float32 (A, 4)).
+  Raises ValueError naming both numbers when the model predicts a different number of boxes per
+  image than there are default boxes, and both lists when the head map sizes differ from
+  config.anchors.feature_sizes.
+  """
+  model = build_model(config.model, config.anchors)
+  size = int(config.model.input_size_px)
+  anchors = anchors_lib.from_config(config.anchors, size)
+  _, (loc_preds, _), maps = abstract_forward(model, size)
+  model_sizes = [int(m.shape[1]) for m in maps]
+  config_sizes = [int(f) for f in config.anchors.feature_sizes]
+  if loc_preds.shape[1] != anchors.shape[0]:
+    raise ValueError(
+        f"the model predicts {loc_preds.shape[1]} boxes per image but config.anchors gives "
+        f"{anchors.shape[0]} default boxes (model head map sizes {model_sizes}, "
+        f"config.anchors.feature_sizes {config_sizes}): make config.anchors match the model")
+  if model_sizes != config_sizes:
+    raise ValueError(
+        f"the model's head maps are {model_sizes} but config.anchors.feature_sizes is "
+        f"{config_sizes}: set config.anchors.feature_sizes = {tuple(model_sizes)}")
+  return model, anchors
+
+
+def count_params(params) -> int:
+  """Number of scalars in a params tree (arrays or ShapeDtypeStructs)."""
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))

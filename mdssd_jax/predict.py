@@ -1,0 +1,272 @@
+"""Detections on image files: whole-image or tiled inference, a COCO-style JSON and pictures.
+
+Tiled inference keeps small objects at their real pixel size on large images (TT100K's 2048 px
+photos): tiles of the model's input size with a given overlap cover the image, the last one flush
+with the border; tile detections are shifted to image pixels and merged with class-wise NMS.
+
+Both paths call one `predict_fn(images_uint8 (N, S, S, 3)) -> {boxes (N, K, 4) xyxy normalised,
+scores (N, K), classes (N, K) 1..C, valid (N, K)}` (a jitted forward + postprocess.detect); N is
+always `batch_size` (short batches are padded), so the function compiles once.
+"""
+
+import glob
+import json
+import logging
+import os
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+import cv2
+import numpy as np
+
+from mdssd_jax import boxes as box_lib
+from mdssd_jax import visualize
+from mdssd_jax.data import augment
+
+PredictFn = Callable[[np.ndarray], Mapping[str, Any]]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# How close (px) a box edge must come to a tile's inner border to count as cut by it: regressed
+# boxes of a cut object end about on the border, not exactly.
+DEFAULT_EDGE_TOLERANCE_PX = 2.0
+
+
+def tile_origins(length_px: int, tile_px: int, overlap_px: int) -> List[int]:
+  """Start coordinates of tiles covering [0, length_px): stride tile - overlap, the last flush.
+
+  An image shorter than a tile gets one tile at 0 (padded by the caller).
+  """
+  if not 0 <= overlap_px < tile_px:
+    raise ValueError(f"tile overlap {overlap_px} px must be in [0, tile size {tile_px} px); set "
+                     "config.eval.tiled.overlap_px")
+  if length_px <= tile_px:
+    return [0]
+  stride = tile_px - overlap_px
+  return list(range(0, length_px - tile_px, stride)) + [length_px - tile_px]
+
+
+def _run_batched(predict_fn: PredictFn, images: np.ndarray, batch_size: int) -> Dict[str, np.ndarray]:
+  """predict_fn over (N, S, S, 3) in fixed batches of batch_size (the last padded with black)."""
+  out: Dict[str, List[np.ndarray]] = {}
+  for lo in range(0, len(images), batch_size):
+    chunk = images[lo:lo + batch_size]
+    real = len(chunk)
+    if real < batch_size:
+      chunk = np.concatenate([chunk, np.zeros((batch_size - real,) + chunk.shape[1:], np.uint8)])
+    dets = predict_fn(chunk)
+    for key in ("boxes", "scores", "classes", "valid"):
+      out.setdefault(key, []).append(np.asarray(dets[key])[:real])
+  return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def class_wise_nms(boxes_px: np.ndarray, scores: np.ndarray, classes: np.ndarray,
+                   iou_threshold: float, top_k: int) -> np.ndarray:
+  """Greedy NMS per class; returns indices of the kept boxes, best score first, at most top_k.
+
+  Ties in score: the lower index ranks first.
+  """
+  order = np.lexsort((np.arange(len(scores)), -np.asarray(scores)))
+  suppressed = np.zeros(len(scores), bool)
+  keep = []
+  for label in np.unique(classes).tolist():
+    members = order[classes[order] == label]
+    for pos, i in enumerate(members.tolist()):
+      if suppressed[i]:
+        continue
+      keep.append(i)
+      rest = members[pos + 1:]
+      overlap = box_lib.iou(boxes_px[i][None], boxes_px[rest])[0]
+      suppressed[rest[overlap > iou_threshold]] = True
+  keep = np.asarray(keep, np.int64)
+  keep = keep[np.lexsort((keep, -np.asarray(scores)[keep]))] if len(keep) else keep
+  return keep[:top_k]
+
+
+def tiled_detect(predict_tiles_fn: PredictFn, image_uint8: np.ndarray, tile_size_px: int,
+                 overlap_px: int, nms_iou: float, top_k: int, batch_size: int,
+                 drop_cut_boxes: bool = True,
+                 edge_tolerance_px: float = DEFAULT_EDGE_TOLERANCE_PX) -> Dict[str, np.ndarray]:
+  """Detections on a large image from tiles of the model's input size.
+
+  Args:
+    predict_tiles_fn: tiles uint8 (N, S, S, 3) -> normalised detections per tile (see module doc).
+    image_uint8: (H, W, 3) uint8 RGB; a side shorter than S is padded with black.
+    tile_size_px: S, the model's input size.
+    overlap_px: overlap of neighbouring tiles; objects up to this size are whole in some tile.
+    nms_iou: IoU above which the lower-scored of two same-class boxes is dropped (across tiles).
+    top_k: the most detections kept.
+    batch_size: tiles per predict_tiles_fn call.
+    drop_cut_boxes: drop a box that touches a tile border inside the image (within
+      edge_tolerance_px) and is narrower than overlap_px across it: that object is whole in the
+      neighbouring tile, and the cut box would survive NMS as a second, partial detection.
+  Returns:
+    dict boxes_px (K, 4) xyxy image pixels, scores (K,), classes (K,) int32, best first.
+  """
+  image = np.asarray(image_uint8, np.uint8)
+  if image.ndim != 3 or image.shape[2] != 3:
+    raise ValueError(f"tiled_detect needs an (H, W, 3) uint8 image, got shape {image.shape}")
+  height, width = image.shape[:2]
+  size = tile_size_px
+  xs = tile_origins(width, size, overlap_px)
+  ys = tile_origins(height, size, overlap_px)
+  origins = np.array([(x, y) for y in ys for x in xs], np.float32)
+  tiles = np.zeros((len(origins), size, size, 3), np.uint8)
+  for t, (x, y) in enumerate(origins.astype(int)):
+    crop = image[y:y + size, x:x + size]
+    tiles[t, :crop.shape[0], :crop.shape[1]] = crop
+  dets = _run_batched(predict_tiles_fn, tiles, batch_size)
+  shift = np.concatenate([origins, origins], axis=1)[:, None, :]              # (T, 1, 4)
+  boxes = np.asarray(dets["boxes"], np.float32) * size + shift               # (T, K, 4) image px
+  keep = np.asarray(dets["valid"], bool)
+  if drop_cut_boxes:
+    x0, y0 = origins[:, 0:1], origins[:, 1:2]                                 # (T, 1)
+    cut = np.zeros_like(keep)
+    box_w = boxes[..., 2] - boxes[..., 0]
+    box_h = boxes[..., 3] - boxes[..., 1]
+    # Inner borders only: a tile side on the image border cuts nothing.
+    cut |= (x0 > 0) & (boxes[..., 0] <= x0 + edge_tolerance_px) & (box_w < overlap_px)
+    cut |= (x0 + size < width) & (boxes[..., 2] >= x0 + size - edge_tolerance_px) & (box_w < overlap_px)
+    cut |= (y0 > 0) & (boxes[..., 1] <= y0 + edge_tolerance_px) & (box_h < overlap_px)
+    cut |= (y0 + size < height) & (boxes[..., 3] >= y0 + size - edge_tolerance_px) & (box_h < overlap_px)
+    keep &= ~cut
+  boxes = boxes[keep]
+  boxes = np.clip(boxes, 0, np.array([width, height, width, height], np.float32))
+  scores = np.asarray(dets["scores"], np.float32)[keep]
+  classes = np.asarray(dets["classes"], np.int32)[keep]
+  kept = class_wise_nms(boxes, scores, classes, nms_iou, top_k)
+  return dict(boxes_px=boxes[kept], scores=scores[kept], classes=classes[kept])
+
+
+def whole_image_detect(predict_fn: PredictFn, images_uint8: Sequence[np.ndarray], input_size_px: int,
+                       batch_size: int) -> List[Dict[str, np.ndarray]]:
+  """Each image warped to S x S (as in evaluation), detections scaled back to its pixels."""
+  inputs = np.stack([augment.eval_transform(im, input_size_px) for im in images_uint8])
+  dets = _run_batched(predict_fn, inputs, batch_size)
+  out = []
+  for i, im in enumerate(images_uint8):
+    h, w = im.shape[:2]
+    keep = np.asarray(dets["valid"][i], bool)
+    out.append(dict(boxes_px=np.asarray(dets["boxes"][i], np.float32)[keep] * np.array([w, h, w, h], np.float32),
+                    scores=np.asarray(dets["scores"][i], np.float32)[keep],
+                    classes=np.asarray(dets["classes"][i], np.int32)[keep]))
+  return out
+
+
+def expand_image_paths(patterns: Sequence[str]) -> List[str]:
+  """Files, folders (their image files) and glob patterns -> sorted unique file paths, in order given.
+
+  Raises ValueError for a folder or pattern that matches no image.
+  """
+  if isinstance(patterns, str):
+    patterns = [p for p in patterns.split(",") if p]
+  paths: List[str] = []
+  for pattern in patterns:
+    if os.path.isdir(pattern):
+      found = sorted(os.path.join(pattern, f) for f in os.listdir(pattern)
+                     if f.lower().endswith(IMAGE_EXTENSIONS))
+    elif glob.has_magic(pattern):
+      found = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    else:
+      found = [pattern]
+    if not found:
+      raise ValueError(f"no image files match '{pattern}' (extensions {', '.join(IMAGE_EXTENSIONS)})")
+    paths.extend(found)
+  return list(dict.fromkeys(paths))
+
+
+def read_image_rgb(path: str) -> Optional[np.ndarray]:
+  """(H, W, 3) uint8 RGB, or None when the file is missing or not a readable image."""
+  image = cv2.imread(path, cv2.IMREAD_COLOR) if os.path.isfile(path) else None
+  return None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _picture_name(path: str, used: set, extension: str) -> str:
+  stem = os.path.splitext(os.path.basename(path))[0]
+  name, n = f"{stem}.{extension}", 1
+  while name in used:
+    name, n = f"{stem}_{n}.{extension}", n + 1
+  used.add(name)
+  return name
+
+
+def predict_images(predict_fn: PredictFn, image_paths: Sequence[str], class_names: Sequence[str],
+                   out_dir: str, input_size_px: int, tiled_cfg: Optional[Mapping[str, Any]] = None,
+                   score_threshold: float = 0.5, nms_iou: float = 0.45, top_k: int = 200,
+                   batch_size: int = 8,
+                   label_to_category_id: Optional[Mapping[int, int]] = None,
+                   picture_format: str = "jpg") -> Dict[str, Any]:
+  """Detects objects in image files; writes out_dir/detections.json and one picture per image.
+
+  Args:
+    predict_fn: images/tiles uint8 (batch_size, S, S, 3) -> normalised detections (module doc).
+    image_paths: files, folders or glob patterns (a comma-separated string is accepted too).
+    class_names: C names, for the pictures and the JSON's category_name.
+    out_dir: created if missing.
+    input_size_px: S.
+    tiled_cfg: config.eval.tiled (enabled, overlap_px); tiles of S px when enabled, else each image
+      is warped to S x S.
+    score_threshold: only detections scoring at least this are DRAWN; the JSON has them all.
+    nms_iou, top_k: merging of tile detections (tiled only).
+    batch_size: images or tiles per predict_fn call.
+    label_to_category_id: category_id written to the JSON (identity if None).
+    picture_format: "jpg" or "png" (lossless, for exact colours).
+  Unreadable or missing files are SKIPPED with a warning naming each; if none is readable, ValueError.
+  Returns:
+    {"json_path", "picture_paths", "skipped" (paths), "num_images", "num_detections"}.
+  JSON: a COCO results list [{"image_id": index in the file list, "file_name", "category_id",
+  "category_name", "bbox": [x, y, w, h] px, "score"}].
+  """
+  paths = expand_image_paths(image_paths)
+  os.makedirs(out_dir, exist_ok=True)
+  tiled = bool(tiled_cfg is not None and tiled_cfg.get("enabled", False))
+  results: List[Dict[str, Any]] = []
+  pictures: List[str] = []
+  skipped: List[str] = []
+  used_names: set = set()
+
+  def emit(index, path, image, det):
+    for box, score, label in zip(det["boxes_px"], det["scores"], det["classes"]):
+      label = int(label)
+      results.append({
+          "image_id": index, "file_name": path,
+          "category_id": int(label_to_category_id[label]) if label_to_category_id else label,
+          "category_name": class_names[label - 1] if 1 <= label <= len(class_names) else str(label),
+          "bbox": [round(float(v), 2) for v in (box[0], box[1], box[2] - box[0], box[3] - box[1])],
+          "score": round(float(score), 5)})
+    shown = det["scores"] >= score_threshold
+    picture = visualize.draw_detections(image, det["boxes_px"][shown], det["classes"][shown],
+                                        det["scores"][shown], class_names)
+    picture_path = os.path.join(out_dir, _picture_name(path, used_names, picture_format))
+    if not cv2.imwrite(picture_path, cv2.cvtColor(picture, cv2.COLOR_RGB2BGR)):
+      raise OSError(f"could not write picture {picture_path}")
+    pictures.append(picture_path)
+
+  pending: List[tuple] = []     # (index, path, image) waiting for a whole-image batch
+
+  def flush():
+    if pending:
+      dets = whole_image_detect(predict_fn, [p[2] for p in pending], input_size_px, batch_size)
+      for (index, path, image), det in zip(pending, dets):
+        emit(index, path, image, det)
+      pending.clear()
+
+  for index, path in enumerate(paths):
+    image = read_image_rgb(path)
+    if image is None:
+      logging.warning("skipping %s: missing or not a readable image file", path)
+      skipped.append(path)
+      continue
+    if tiled:
+      emit(index, path, image, tiled_detect(predict_fn, image, input_size_px, tiled_cfg.get("overlap_px", 0),
+                                            nms_iou, top_k, batch_size))
+    else:
+      pending.append((index, path, image))
+      if len(pending) == batch_size:
+        flush()
+  flush()
+  if not pictures:
+    raise ValueError(f"none of the {len(paths)} image files could be read (first: {paths[0]})")
+  json_path = os.path.join(out_dir, "detections.json")
+  with open(json_path, "w") as f:
+    json.dump(results, f)
+  return {"json_path": json_path, "picture_paths": pictures, "skipped": skipped,
+          "num_images": len(pictures), "num_detections": len(results)}

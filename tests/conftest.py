@@ -1,0 +1,16 @@
+"""Shared test set-up: a persistent XLA compilation cache, so the many tiny training runs of the
+tests (and their subprocesses, which inherit the environment) compile each program once."""
+
+import os
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+_CACHE = os.path.join(tempfile.gettempdir(), "mdssd_jax_test_xla_cache")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -1,0 +1,347 @@
+"""Tests of the SSD / MDSSD models against independent references written here.
+
+Shapes and parameter counts of the full-size models come from jax.eval_shape (no compute); numeric
+checks use tiny widths and NumPy convolutions written in this file.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import common, mdssd300_voc, mdssd512_voc, ssd300_voc, ssd512_voc
+from mdssd_jax import models
+from mdssd_jax.models import fusion
+
+CONFIGS = dict(ssd300=ssd300_voc, ssd512=ssd512_voc, mdssd300=mdssd300_voc, mdssd512=mdssd512_voc)
+
+
+def _config(name, **model_overrides):
+  c = CONFIGS[name].get_config()
+  for key, value in model_overrides.items():
+    c.model[key] = value
+  return c
+
+
+# ---- independent references ------------------------------------------------------------------
+
+def np_conv(x, w_hwio, b, stride=1, pad=0, dilation=1):
+  """Plain cross-correlation, NHWC input, HWIO kernel, symmetric zero padding."""
+  batch, h, w, _ = x.shape
+  kh, kw, cin, cout = w_hwio.shape
+  xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  ho = (h + 2 * pad - dilation * (kh - 1) - 1) // stride + 1
+  wo = (w + 2 * pad - dilation * (kw - 1) - 1) // stride + 1
+  taps = [xp[:, i * dilation:i * dilation + stride * (ho - 1) + 1:stride,
+             j * dilation:j * dilation + stride * (wo - 1) + 1:stride, :]
+          for i in range(kh) for j in range(kw)]
+  patches = np.stack(taps, axis=3).reshape(batch, ho, wo, kh * kw * cin)
+  return patches @ w_hwio.reshape(kh * kw * cin, cout) + b
+
+
+def np_conv_transpose_torch(x, w, b, stride, pad):
+  """PyTorch's ConvTranspose2d semantics by scattering: out[i*s + a - p] += x[i] * w[a].
+
+  w: (kh, kw, cin, cout). Output side (n - 1) * s - 2p + k.
+  """
+  batch, h, wd, _ = x.shape
+  kh, kw, _, cout = w.shape
+  full = np.zeros((batch, (h - 1) * stride + kh, (wd - 1) * stride + kw, cout), np.float64)
+  for a in range(kh):
+    for c in range(kw):
+      full[:, a:a + stride * (h - 1) + 1:stride, c:c + stride * (wd - 1) + 1:stride] += x @ w[a, c]
+  return full[:, pad:full.shape[1] - pad, pad:full.shape[2] - pad] + b
+
+
+def np_l2norm(x, scale):
+  return x / (np.sqrt(np.sum(x * x, axis=-1, keepdims=True)) + 1e-10) * scale
+
+
+def relu(x):
+  return np.maximum(x, 0)
+
+
+# ---- parameter counts from a layer list written here -----------------------------------------
+
+VGG_CONVS = [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256),
+             (256, 512), (512, 512), (512, 512), (512, 512), (512, 512), (512, 512)]
+SSD300_EXTRAS = [(1024, 256, 512, 3), (512, 128, 256, 3), (256, 128, 256, 3), (256, 128, 256, 3)]
+SSD512_EXTRAS = SSD300_EXTRAS + [(256, 128, 256, 4)]
+# Deconv kernels of the three Fusion Modules (REFERENCE.md section 1): 300 and 512 input.
+FUSION_KERNELS = {300: [(3, 2, 3), (2, 3, 2), (3, 2, 3)], 512: [(2, 2, 2)] * 3}
+FUSION_IO = [(256, 512, 256), (512, 256, 512), (1024, 256, 1024)]   # shallow, deep, out channels
+
+
+def conv_params(k, cin, cout):
+  return k * k * cin * cout + cout
+
+
+def expected_param_count(name, num_classes=20):
+  size = 512 if name.endswith("512") else 300
+  extras = SSD512_EXTRAS if size == 512 else SSD300_EXTRAS
+  total = sum(conv_params(3, i, o) for i, o in VGG_CONVS)
+  total += conv_params(3, 512, 1024) + conv_params(1, 1024, 1024)     # fc6, fc7
+  total += sum(conv_params(1, cin, mid) + conv_params(k, mid, out) for cin, mid, out, k in extras)
+  extra_maps = [out for _, _, out, _ in extras]
+  if name.startswith("mdssd"):
+    for kernels, (shallow, deep, out) in zip(FUSION_KERNELS[size], FUSION_IO):
+      cin = deep
+      for k in kernels:
+        total += conv_params(k, cin, 256) + conv_params(3, 256, 256)   # deconv, its 3x3 conv
+        cin = 256
+      total += 2 * 256                                                # two L2Norm scales
+      total += conv_params(3, shallow, 256) + conv_params(3, 256, out)
+    head_channels = [256, 512, 1024] + extra_maps
+  else:
+    total += 512                                                      # conv4_3 L2Norm
+    head_channels = [512, 1024] + extra_maps
+  ratios = {"ssd300": [1, 2, 2, 2, 1, 1], "ssd512": [1, 2, 2, 2, 2, 1, 1],
+            "mdssd300": [1, 1, 2, 2, 2, 1, 1], "mdssd512": [1, 1, 2, 2, 2, 2, 1, 1]}[name]
+  for cin, r in zip(head_channels, ratios):
+    k = 2 + 2 * r
+    total += conv_params(3, cin, 4 * k) + conv_params(3, cin, (num_classes + 1) * k)
+  return total
+
+
+def expected_boxes(sizes, ratios):
+  return sum(f * f * (2 + 2 * len(r)) for f, r in zip(sizes, ratios))
+
+
+# ---- full-size models: shapes, counts, parameters (eval_shape only) ---------------------------
+
+@pytest.mark.parametrize("name,num_boxes,sizes", [
+    ("ssd300", 8732, (38, 19, 10, 5, 3, 1)),
+    ("ssd512", 24564, (64, 32, 16, 8, 4, 2, 1)),
+    ("mdssd300", 31232, (75, 38, 19, 10, 5, 3, 1)),
+    ("mdssd512", None, (128, 64, 32, 16, 8, 4, 2, 1)),
+])
+def test_full_size_shapes_boxes_and_params(name, num_boxes, sizes):
+  c = _config(name)
+  if num_boxes is None:
+    num_boxes = expected_boxes(sizes, c.anchors.aspect_ratios)
+  model, anchors = models.build_detector(c)
+  variables, (loc, logits), maps = models.abstract_forward(model, c.model.input_size_px, 2)
+  assert anchors.shape == (num_boxes, 4)
+  assert loc.shape == (2, num_boxes, 4) and loc.dtype == jnp.float32
+  assert logits.shape == (2, num_boxes, 21) and logits.dtype == jnp.float32
+  assert tuple(m.shape[1] for m in maps) == sizes
+  assert models.feature_sizes(c.model) == sizes
+  assert "batch_stats" not in variables
+  params = variables["params"]
+  assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(params))
+  assert models.count_params(params) == expected_param_count(name)
+
+
+def test_ssd300_param_count_is_the_known_figure():
+  # ssd.pytorch's SSD300 VOC has 26,285,486 parameters.
+  assert expected_param_count("ssd300") == 26_285_486
+  c = _config("ssd300")
+  variables, _, _ = models.abstract_forward(models.build_model(c), 300)
+  assert models.count_params(variables["params"]) == 26_285_486
+
+
+def test_mdssd_fusion_maps_and_channels():
+  for name, size, want in (("mdssd300", 300, (75, 38, 19)), ("mdssd512", 512, (128, 64, 32))):
+    c = _config(name)
+    _, _, maps = models.abstract_forward(models.build_model(c), size)
+    assert [m.shape[1:] for m in maps[:3]] == [(s, s, ch) for s, ch in zip(want, (256, 512, 1024))]
+
+
+def test_width_multiplier_scales_hidden_widths_not_heads():
+  c = _config("mdssd300", width_multiplier=0.25)
+  variables, (loc, logits), maps = models.abstract_forward(models.build_model(c), 300)
+  p = variables["params"]
+  assert p["vgg"]["conv1_1"]["conv"]["kernel"].shape == (3, 3, 3, 16)
+  assert p["vgg"]["conv7"]["conv"]["kernel"].shape == (1, 1, 256, 256)
+  assert p["conv8_2"]["conv"]["kernel"].shape == (3, 3, 64, 128)
+  assert p["fusion1"]["deconv1"]["kernel"].shape == (3, 3, 128, 64)
+  assert [m.shape[-1] for m in maps] == [64, 128, 256, 128, 64, 64, 64]
+  assert p["fusion1_loc"]["kernel"].shape == (3, 3, 64, 16)
+  assert p["fusion3_conf"]["kernel"].shape == (3, 3, 256, 6 * 21)
+  assert loc.shape == (1, 31232, 4) and logits.shape == (1, 31232, 21)
+
+
+def test_unused_extras_are_not_built():
+  c = _config("ssd300")
+  c.model.head_sources = c.model.head_sources[:-1]
+  c.anchors.aspect_ratios = c.anchors.aspect_ratios[:-1]
+  variables, _, maps = models.abstract_forward(models.build_model(c), 300)
+  assert "conv10_2" in variables["params"] and "conv11_1" not in variables["params"]
+  assert len(maps) == 5
+
+
+# ---- Fusion Block -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("deep,shallow,kernels", [
+    (10, 75, (3, 2, 3)), (5, 38, (2, 3, 2)), (3, 19, (3, 2, 3)),
+    (16, 128, (2, 2, 2)), (8, 64, (2, 2, 2)), (4, 32, (2, 2, 2))])
+def test_deconv_kernels_follow_the_paper(deep, shallow, kernels):
+  assert fusion.deconv_kernels(deep, shallow) == kernels
+  n = deep
+  for k in kernels:   # PyTorch's ConvTranspose2d size formula with the kernel's padding
+    n = (n - 1) * 2 - 2 * {2: 0, 3: 1}[k] + k
+  assert n == shallow
+
+
+def test_deconv_kernels_reject_unreachable_sizes():
+  with pytest.raises(ValueError, match="10x10 deep map to a 60x60"):
+    fusion.deconv_kernels(10, 60)
+
+
+@pytest.mark.parametrize("deep_size,shallow_size", [(3, 19), (2, 16)])
+def test_fusion_block_matches_numpy(deep_size, shallow_size):
+  """The whole block against a NumPy transcription of the paper's description (tiny widths)."""
+  rng = np.random.default_rng(0)
+  shallow = rng.standard_normal((2, shallow_size, shallow_size, 5)).astype(np.float32)
+  deep = rng.standard_normal((2, deep_size, deep_size, 6)).astype(np.float32)
+  block = models.FusionBlock(deconv_features=4, out_features=3, l2norm_scale=20.0)
+  params = block.init(jax.random.key(1), shallow, deep)["params"]
+  # Random biases and scales, so a mix-up of any of them shows.
+  params = jax.tree_util.tree_map(
+      lambda x: np.asarray(rng.standard_normal(x.shape), np.float32), params)
+  got = np.asarray(block.apply({"params": params}, shallow, deep))
+
+  p = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), params)
+  up = deep.astype(np.float64)
+  for i, k in enumerate(fusion.deconv_kernels(deep_size, shallow_size)):
+    d = p[f"deconv{i + 1}"]
+    # flax's ConvTranspose kernel is PyTorch's kernel flipped in space.
+    up = np_conv_transpose_torch(up, d["kernel"][::-1, ::-1], d["bias"], 2, {2: 0, 3: 1}[k])
+    c = p[f"deconv{i + 1}_conv"]
+    up = np_conv(up, c["kernel"], c["bias"], pad=1)
+    if i < 2:
+      up = relu(up)
+  up = np_l2norm(up, p["deep_norm"]["scale"])
+  low = np_conv(shallow.astype(np.float64), p["shallow_conv"]["kernel"], p["shallow_conv"]["bias"],
+                pad=1)
+  low = np_l2norm(low, p["shallow_norm"]["scale"])
+  want = relu(np_conv(up + low, p["out_conv"]["kernel"], p["out_conv"]["bias"], pad=1))
+  assert got.shape == (2, shallow_size, shallow_size, 3)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+# ---- tiny MDSSD300: head order, forward, backward -----------------------------------------------
+
+TINY = 1.0 / 16
+
+
+@pytest.fixture(scope="module")
+def tiny_mdssd300():
+  c = _config("mdssd300", width_multiplier=TINY)
+  model, anchors = models.build_detector(c)
+  images = np.random.default_rng(0).standard_normal((2, 300, 300, 3)).astype(np.float32)
+  variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(images)
+  return c, model, anchors, variables, images
+
+
+def test_head_outputs_follow_default_box_order(tiny_mdssd300):
+  """Rebuilds (B, A, 4) and (B, A, C+1) from the head maps with explicit loops over
+  (layer, row, column, box in cell), the order of the default boxes."""
+  c, model, anchors, variables, images = tiny_mdssd300
+  rng = np.random.default_rng(1)
+  params = jax.tree_util.tree_map(lambda x: np.asarray(x), variables["params"])
+  for source in c.model.head_sources:   # random biases so a bias mix-up shows too
+    for suffix in ("loc", "conf"):
+      b = params[f"{source}_{suffix}"]["bias"]
+      params[f"{source}_{suffix}"]["bias"] = rng.standard_normal(b.shape).astype(np.float32)
+  (loc, logits), state = jax.jit(
+      lambda p, x: model.apply({"params": p}, x, train=False, mutable=["intermediates"]))(
+          params, images)
+  maps = state["intermediates"]["head_maps"]
+  num_classes = c.model.num_classes
+  want_loc, want_cls = [], []
+  for source, ratios, fmap in zip(c.model.head_sources, c.anchors.aspect_ratios, maps):
+    k = 2 + 2 * len(ratios)
+    fmap = np.asarray(fmap, np.float64)
+    lo = np_conv(fmap, params[f"{source}_loc"]["kernel"], params[f"{source}_loc"]["bias"], pad=1)
+    cl = np_conv(fmap, params[f"{source}_conf"]["kernel"], params[f"{source}_conf"]["bias"], pad=1)
+    for i in range(fmap.shape[1]):
+      for j in range(fmap.shape[2]):
+        for box in range(k):
+          want_loc.append(lo[:, i, j, box * 4:(box + 1) * 4])
+          want_cls.append(cl[:, i, j, box * (num_classes + 1):(box + 1) * (num_classes + 1)])
+  want_loc, want_cls = np.stack(want_loc, 1), np.stack(want_cls, 1)
+  assert loc.shape == want_loc.shape == (2, anchors.shape[0], 4)
+  np.testing.assert_allclose(loc, want_loc, rtol=1e-4, atol=1e-4 * np.abs(want_loc).max())
+  np.testing.assert_allclose(logits, want_cls, rtol=1e-4, atol=1e-4 * np.abs(want_cls).max())
+
+
+def test_forward_and_backward_are_finite(tiny_mdssd300):
+  _, model, anchors, variables, images = tiny_mdssd300
+
+  def scalar(params):
+    loc, logits = model.apply({"params": params}, images, train=True)
+    return jnp.mean(loc ** 2) + jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+  value, grads = jax.jit(jax.value_and_grad(scalar))(variables["params"])
+  assert np.isfinite(value)
+  leaves = jax.tree_util.tree_leaves(grads)
+  assert all(np.all(np.isfinite(g)) for g in leaves)
+  # Every layer takes part: the gradient reaches conv1_1 and every head.
+  assert np.abs(grads["vgg"]["conv1_1"]["conv"]["kernel"]).sum() > 0
+  assert all(np.abs(grads[f"{s}_conf"]["kernel"]).sum() > 0 for s in model.head_sources)
+
+
+def test_batch_norm_bfloat16_variant():
+  """The demo's variant: batch norm, bf16 compute, float32 params and outputs, small input."""
+  c = _config("mdssd300", width_multiplier=TINY, batch_norm=True, dtype="bfloat16")
+  model = models.build_model(c)
+  images = np.random.default_rng(0).standard_normal((2, 300, 300, 3)).astype(np.float32)
+  variables = model.init(jax.random.key(0), images, train=False)
+  assert set(variables) == {"params", "batch_stats"}
+  assert "bias" not in variables["params"]["vgg"]["conv1_1"]["conv"]
+  assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(variables))
+
+  def loss(params):
+    (loc, logits), state = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                                       images, train=True, mutable=["batch_stats"])
+    return jnp.mean(loc ** 2) + jnp.mean(logits ** 2), (state, loc, logits)
+
+  (value, (state, loc, logits)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
+      variables["params"])
+  assert loc.dtype == logits.dtype == jnp.float32
+  assert np.isfinite(value) and all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
+  old = variables["batch_stats"]["vgg"]["conv1_1"]["bn"]["mean"]
+  new = state["batch_stats"]["vgg"]["conv1_1"]["bn"]["mean"]
+  assert not np.allclose(old, new)
+
+
+# ---- model / anchors consistency ----------------------------------------------------------------
+
+def test_mismatched_anchors_raise_with_both_numbers():
+  c = _config("mdssd300")
+  c.anchors.feature_sizes = (76, 38, 19, 10, 5, 3, 1)
+  with pytest.raises(ValueError) as info:
+    models.build_detector(c)
+  message = str(info.value)
+  assert "31232" in message and str(31232 + (76 * 76 - 75 * 75) * 4) in message
+
+
+def test_permuted_feature_sizes_raise_with_both_lists():
+  c = _config("mdssd300")
+  c.anchors.feature_sizes = (38, 75, 19, 10, 5, 3, 1)   # same count: both finest maps have k=4
+  with pytest.raises(ValueError) as info:
+    models.build_detector(c)
+  assert "[75, 38, 19, 10, 5, 3, 1]" in str(info.value)
+  assert "[38, 75, 19, 10, 5, 3, 1]" in str(info.value)
+
+
+def test_config_errors_are_clear():
+  c = _config("ssd300")
+  c.anchors.aspect_ratios = c.anchors.aspect_ratios[:-1]
+  with pytest.raises(ValueError, match="6 heads.*5 entries"):
+    models.build_model(c)
+  c = _config("ssd300")
+  c.model.head_sources = ("conv4_3", "conv99_2")
+  with pytest.raises(ValueError, match="conv99_2"):
+    models.build_model(c)
+  with pytest.raises(ValueError, match="anchors"):
+    models.build_model(_config("ssd300").model)
+
+
+def test_common_builders_agree_with_feature_sizes():
+  """Every architecture builder of configs/common.py gives anchors that fit its model."""
+  for builder in (common.ssd300, common.ssd512, common.mdssd300, common.mdssd512):
+    c = common.base_config()
+    builder(c)
+    assert models.feature_sizes(c) == tuple(c.anchors.feature_sizes)

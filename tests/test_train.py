@@ -1,0 +1,224 @@
+"""Training end to end: main.py, exact resume, crash safety, data parallelism, multi-process."""
+
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from configs import tiny_mdssd
+from tests.conftest import ROOT
+
+
+def tiny_config(**overrides):
+  config = tiny_mdssd.get_config()
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def train_losses(workdir):
+  """{step: train/loss} read back from the TensorBoard event files clu wrote."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  losses = {}
+  for path in sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.tag == "train/loss":
+          losses[event.step] = float(tf.make_ndarray(value.tensor))
+  return losses
+
+
+def run_main(args, env=None, check=True, timeout=600):
+  cmd = [sys.executable, os.path.join(ROOT, "main.py")] + args
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=timeout)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-6000:]}")
+  return proc
+
+
+def _data_dir_flags(data_dir):
+  return [f"--config.data.data_dir={data_dir}"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """One prepared tiny synthetic data set shared by the tests of this module."""
+  path = str(tmp_path_factory.mktemp("tfds"))
+  run_main(["--config=configs/tiny_mdssd.py", "--mode=prepare"] + _data_dir_flags(path))
+  return path
+
+
+def test_main_trains_evaluates_and_says_where(data_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  proc = run_main(["--config=configs/tiny_mdssd.py", f"--workdir={workdir}",
+                   "--config.train.num_steps=3"] + _data_dir_flags(data_dir))
+  assert "checkpoints:" in proc.stdout and "pictures:" in proc.stdout
+  results = [json.loads(l) for l in open(os.path.join(workdir, "eval_results.jsonl"))]
+  assert results[-1]["step"] == 3 and 0.0 <= results[-1]["mAP"] <= 1.0
+  assert glob.glob(os.path.join(workdir, "pictures", "step_00000003", "*.jpg"))
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == "3"
+  losses = train_losses(workdir)
+  assert sorted(losses) == [1, 2, 3] and all(np.isfinite(list(losses.values())))
+
+  # --mode=eval on the latest checkpoint appends one more line for the same step.
+  run_main(["--config=configs/tiny_mdssd.py", f"--workdir={workdir}", "--mode=eval"]
+           + _data_dir_flags(data_dir))
+  results = [json.loads(l) for l in open(os.path.join(workdir, "eval_results.jsonl"))]
+  assert len(results) == 2 and results[1]["step"] == 3
+  assert results[1]["mAP"] == pytest.approx(results[0]["mAP"], abs=1e-6)
+
+
+def test_resume_is_exact(data_dir, tmp_path):
+  from mdssd_jax import train  # pylint: disable=g-import-not-at-top
+  straight = str(tmp_path / "straight")
+  train.train_and_evaluate(tiny_config(**{"train.num_steps": 6, "data.data_dir": data_dir}), straight)
+  interrupted = str(tmp_path / "interrupted")
+  train.train_and_evaluate(tiny_config(**{"train.num_steps": 3, "train.checkpoint_every_steps": 3,
+                                          "data.data_dir": data_dir}), interrupted)
+  train.train_and_evaluate(tiny_config(**{"train.num_steps": 6, "data.data_dir": data_dir}), interrupted)
+  a, b = train_losses(straight), train_losses(interrupted)
+  assert sorted(a) == [1, 2, 3, 4, 5, 6] and sorted(b) == [1, 2, 3, 4, 5, 6]
+  for step in range(1, 7):
+    assert a[step] == b[step], (step, a[step], b[step])   # bit for bit on CPU
+
+
+KILL_DURING_SAVE = textwrap.dedent("""
+    import os, signal, sys, time
+    sys.path.insert(0, {root!r})
+    from mdssd_jax import checkpointing, train
+    from configs import tiny_mdssd
+    real_save = checkpointing.save
+    def save_then_die(manager, step, *args, **kwargs):
+      real_save(manager, step, *args, **kwargs)
+      if step == 4:   # the second save: die while Orbax is still writing it
+        os.kill(os.getpid(), signal.SIGKILL)
+    checkpointing.save = save_then_die
+    config = tiny_mdssd.get_config()
+    config.data.data_dir = {data_dir!r}
+    config.train.num_steps = 6
+    train.train_and_evaluate(config, {workdir!r})
+""")
+
+
+def test_kill_during_checkpoint_save_resumes_from_previous(data_dir, tmp_path):
+  workdir = str(tmp_path / "killed")
+  script = KILL_DURING_SAVE.format(root=ROOT, data_dir=data_dir, workdir=workdir)
+  proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  from mdssd_jax import checkpointing, train  # pylint: disable=g-import-not-at-top
+  config = tiny_config(**{"train.num_steps": 6, "data.data_dir": data_dir})
+  manager = checkpointing.make_manager(ckpt_dir, config.train)
+  assert manager.latest_step() == 2   # the half-written step 4 is not a checkpoint
+  manager.close()
+  train.train_and_evaluate(config, workdir)
+  steps = sorted(int(s) for s in os.listdir(ckpt_dir) if s.isdigit())
+  assert steps[-1] == 6
+
+
+def test_nonfinite_loss_stops_with_step_and_keeps_last_checkpoint(data_dir, tmp_path):
+  from mdssd_jax import checkpointing, train  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "nan")
+  config = tiny_config(**{"train.num_steps": 40, "train.checkpoint_every_steps": 1,
+                          "train.log_every_steps": 1, "train.optimizer": "sgd",
+                          "train.base_lr": 1e12, "train.warmup_steps": 0, "data.data_dir": data_dir})
+  with pytest.raises(train.NonFiniteLossError, match=r"at step \d+") as err:
+    train.train_and_evaluate(config, workdir)
+  manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"), config.train)
+  last = manager.latest_step()
+  assert last is not None and f"step {last}" in str(err.value)
+  setup = train.Setup(config)
+  state = setup.restore(manager, last)
+  leaves = jax.tree_util.tree_leaves(jax.device_get(state["params"]))
+  assert all(np.isfinite(leaf).all() for leaf in leaves)
+  assert int(state["first_nonfinite_step"]) == -1
+
+
+def test_checkpoint_of_another_model_is_refused(data_dir, tmp_path):
+  from mdssd_jax import train  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "other")
+  train.train_and_evaluate(tiny_config(**{"train.num_steps": 2, "data.data_dir": data_dir}), workdir)
+  wider = tiny_config(**{"train.num_steps": 4, "data.data_dir": data_dir,
+                         "model.width_multiplier": 1 / 8})
+  with pytest.raises(ValueError, match="belongs to another model(.|\n)*width_multiplier"):
+    train.train_and_evaluate(wider, workdir)
+
+
+DATA_PARALLEL = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, {root!r})
+    import jax
+    import numpy as np
+    from mdssd_jax import train
+    from mdssd_jax.data import pipeline
+    from configs import tiny_mdssd
+    config = tiny_mdssd.get_config()
+    config.data.data_dir = {data_dir!r}
+    setup = train.Setup(config)
+    state = setup.initial_state()
+    step = jax.jit(train.make_train_step(setup.model, setup.tx, setup.schedule, setup.anchors, config,
+                                         setup.convention))
+    it = pipeline.make_train_iterator(config)
+    losses = []
+    for _ in range(2):
+      state, metrics = step(state, setup.global_batch(next(it)))
+      losses.append(float(metrics["loss"]))
+    print(json.dumps(dict(devices=jax.device_count(), losses=losses)))
+""")
+
+
+def test_one_and_four_devices_give_the_same_loss(data_dir):
+  script = DATA_PARALLEL.format(root=ROOT, data_dir=data_dir)
+  results = []
+  for n in (1, 4):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+  assert [r["devices"] for r in results] == [1, 4]
+  np.testing.assert_allclose(results[0]["losses"], results[1]["losses"], rtol=2e-4)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_together(data_dir, tmp_path):
+  port = _free_port()
+  workdir = str(tmp_path / "multi")
+  procs = []
+  for pid in range(2):
+    cmd = [sys.executable, os.path.join(ROOT, "main.py"), "--config=configs/tiny_mdssd.py",
+           f"--workdir={workdir}", "--config.train.num_steps=3", f"--config.data.data_dir={data_dir}",
+           "--multihost", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+           f"--process_id={pid}"]
+    procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True))
+  outs = []
+  deadline = time.time() + 600
+  for p in procs:
+    out, err = p.communicate(timeout=max(1, deadline - time.time()))
+    outs.append((p.returncode, out, err))
+  for code, _, err in outs:
+    assert code == 0, err[-4000:]
+  assert "process 0 of 2" in outs[0][2] and "process 1 of 2" in outs[1][2]
+  results = [json.loads(l) for l in open(os.path.join(workdir, "eval_results.jsonl"))]
+  assert len(results) == 1 and results[0]["step"] == 3   # written once, by process 0
+  assert sorted(train_losses(workdir)) == [1, 2, 3]
