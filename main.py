@@ -24,6 +24,7 @@ _STEP = flags.DEFINE_integer("step", None, "eval/predict: the checkpoint step (d
 _IMAGES = flags.DEFINE_list("images", [], "predict: image files or globs.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "predict: where JSON and pictures go "
                                   "(default: WORKDIR/predictions).")
+_PLOT = flags.DEFINE_string("plot", None, "coverage: also plot the report to this PNG file.")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (TPU pods, "
                                "SLURM, or the --coordinator_* flags).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "multihost: host:port of process 0.")
@@ -49,8 +50,8 @@ def main(argv):
     prepare.prepare(config)
     return
   if mode == "coverage":
-    from mdssd_jax import anchor_coverage  # pylint: disable=g-import-not-at-top
-    print(anchor_coverage.report_for_config(config))
+    from mdssd_jax import inference  # pylint: disable=g-import-not-at-top
+    print(inference.coverage_for_config(config, plot_path=_PLOT.value))
     return
   if not _WORKDIR.value:
     raise app.UsageError(f"--workdir is required for --mode={mode}")

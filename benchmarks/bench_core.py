@@ -220,7 +220,8 @@ def main():
 
   print(f"batch {args.batch}; {platform.processor() or platform.machine()}, {os.cpu_count()} CPU "
         f"cores, jax {jax.__version__} on {jax.devices()[0].platform}; median of {args.repeats} runs; "
-        f"outputs of both sides checked equal")
+        f"outputs of both sides checked equal; load average now {os.getloadavg()[0]:.1f} "
+        f"(other work on a shared machine slows both sides)")
   width = max(len(r[0]) for r in rows)
   print(f"{'work':<{width}}  {'JAX jit ms':>10}  {'NumPy ms':>10}  {'speed-up':>8}")
   for label, jax_s, np_s in rows:

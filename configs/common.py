@@ -157,9 +157,9 @@ def base_config():
   c.eval.top_k = 200                    # per image, after NMS
   c.eval.best_metric = "mAP"            # which metric picks the best checkpoint
   c.eval.num_pictures = 8               # pictures of detections written per evaluation
-  c.eval.draw_score_threshold = 0.5     # pictures show detections scoring at least this
+  c.eval.picture_score_threshold = 0.3  # boxes drawn on pictures (evaluation uses score_threshold)
   c.eval.tt100k_score_threshold = 0.5   # TT100K precision/recall count detections scoring >= this
-  # "pycocotools" | "faster_coco_eval": the same twelve numbers; faster_coco_eval is ~4x faster
+  # "pycocotools" | "faster_coco_eval": the same twelve numbers; faster_coco_eval is ~2.7x faster
   # (benchmarks/bench_eval.py) but needs `pip install faster-coco-eval`.
   c.eval.coco_backend = "pycocotools"
   c.eval.tiled = ml_collections.ConfigDict()

@@ -13,6 +13,7 @@ def get_config():
   c.model.width_multiplier = 0.25
   c.model.batch_norm = True
   c.data.name = "synthetic_small_objects"
+  c.model.num_classes = c.data.synthetic.num_classes
   c.data.train_split = "train"
   c.data.eval_split = "test"
   c.data.max_boxes = 32

@@ -23,7 +23,6 @@ def get_config():
   c.anchors.min_sizes = (6, 12, 24, 40, 56, 72)
   c.anchors.max_sizes = (12, 24, 40, 56, 72, 96)
   c.anchors.aspect_ratios = ((2,), (2,), (2, 3), (2, 3), (2,), (2,))
-  c.model.num_classes = 6
   c.data.name = "synthetic_small_objects"
   c.data.train_split = "train"
   c.data.eval_split = "test"
@@ -32,6 +31,7 @@ def get_config():
   c.data.synthetic.num_train = 32
   c.data.synthetic.num_test = 8
   c.data.synthetic.image_size_px = 96
+  c.model.num_classes = c.data.synthetic.num_classes
   c.eval.metric = "voc"
   c.eval.use_07_metric = False
   c.eval.batch_size = 4

@@ -6,7 +6,7 @@ the count, the share whose best default box reaches the IoU threshold (a box bel
 only through the forced best-anchor rule, with a poor regression start), and the mean best IoU.
 """
 
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple
 
 import numpy as np
 

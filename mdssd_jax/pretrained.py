@@ -122,10 +122,18 @@ class _TensorRef:
 
   def numpy(self) -> np.ndarray:
     itemsize = self.storage.dtype.itemsize
+    # as_strided does not check bounds: a corrupt file must not make it read foreign memory.
+    last = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride))
+    if (min(self.size, default=1) > 0 and
+        (self.offset < 0 or min(self.stride, default=0) < 0 or last >= self.storage.size)):
+      raise ValueError(f"corrupt weights file: a tensor of shape {self.size} (stride "
+                       f"{self.stride}, offset {self.offset}) overruns its storage of "
+                       f"{self.storage.size} elements")
     view = np.lib.stride_tricks.as_strided(
         self.storage[self.offset:], shape=self.size,
         strides=tuple(s * itemsize for s in self.stride), writeable=False)
-    return np.array(view)
+    # A contiguous view is used as it is: fc6 alone is 400 MB, a copy would double the peak.
+    return view if view.flags.c_contiguous else np.array(view)
 
 
 def _rebuild_parameter(data, *unused):
@@ -181,7 +189,7 @@ def _read_torch_zip(path):
       if key not in cache:
         raw = zf.read(f"{prefix}data/{key}")
         cache[key] = np.frombuffer(raw, storage_type.dtype.newbyteorder(order), numel).astype(
-            storage_type.dtype)
+            storage_type.dtype, copy=False)
       return cache[key]
 
     return _materialise(_TensorUnpickler(io.BytesIO(zf.read(pkl_names[0])), load_storage).load())
@@ -318,7 +326,7 @@ def load_vgg16(path: str, params, source: str = "auto") -> Tuple[Dict[str, Any],
 
   new_trunk = dict(trunk)
   for name, (w, b) in layers.items():
-    kernel = np.ascontiguousarray(w.transpose(2, 3, 1, 0))   # OIHW -> HWIO
+    kernel = np.ascontiguousarray(w.transpose(3, 2, 1, 0))   # OIHW -> HWIO
     expected = tuple(trunk[name]["conv"]["kernel"].shape)
     if kernel.shape != expected:
       raise ValueError(f"{source} weights for {name}: kernel {kernel.shape} (HWIO) does not fit "

@@ -122,6 +122,49 @@ def make_predict_fn(model, anchors_cxcywh, config, convention):
   return predict
 
 
+def local_image_predictor(model, anchors_cxcywh, config, convention, variables):
+  """uint8 images (N, S, S, 3) -> numpy detections, on this process's first device alone.
+
+  Used where each process handles a different number of images (tiles of large pictures, image
+  files): no collective runs, so processes never wait for each other.
+  """
+  device = jax.local_devices()[0]
+  local = jax.tree_util.tree_map(
+      lambda x: jax.device_put(x.addressable_data(0) if isinstance(x, jax.Array) else x, device),
+      variables)
+  predict = jax.jit(make_predict_fn(model, anchors_cxcywh, config, convention))
+
+  def run(images_uint8):
+    out = predict(local, jax.device_put(np.asarray(images_uint8, np.uint8), device))
+    return {k: np.asarray(v) for k, v in jax.device_get(out).items()}
+
+  return run
+
+
+def tiled_batch_predictor(image_predictor, config):
+  """eval batch with original images -> fixed-size normalised detections, by tiled inference."""
+  from mdssd_jax import predict as predict_lib  # pylint: disable=g-import-not-at-top
+  top_k = config.eval.top_k
+
+  def run(batch):
+    size = len(batch["original_image"])
+    out = dict(boxes=np.zeros((size, top_k, 4), np.float32), scores=np.zeros((size, top_k), np.float32),
+               classes=np.zeros((size, top_k), np.int32), valid=np.zeros((size, top_k), bool))
+    for i, image in enumerate(batch["original_image"]):
+      if image is None:   # a padding example
+        continue
+      found = predict_lib.tiled_detect(image_predictor, image, config.model.input_size_px,
+                                       config.eval.tiled.overlap_px, config.eval.nms_iou, top_k,
+                                       config.eval.batch_size)
+      n = len(found["scores"])
+      height, width = image.shape[:2]
+      out["boxes"][i, :n] = found["boxes_px"] / np.array([width, height, width, height], np.float32)
+      out["scores"][i, :n], out["classes"][i, :n], out["valid"][i, :n] = found["scores"], found["classes"], True
+    return out
+
+  return run
+
+
 # ---------------------------------------------------------------------------------------------------
 # Building blocks that train, eval and predict share.
 # ---------------------------------------------------------------------------------------------------
@@ -140,7 +183,8 @@ class Setup:
 
   def __init__(self, config, with_optimizer=True):
     self.config = config
-    self.mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    # A plain Mesh (Auto axes): XLA propagates the "data" sharding through matching and the loss.
+    self.mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
     self.batch_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
     self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     self.dataset = registry.get_dataset(config.data)
@@ -225,6 +269,11 @@ def run_evaluation(setup, state, step, workdir=None, writer=None):
     return multihost_utils.global_array_to_host_local_array(
         detections, setup.mesh, jax.sharding.PartitionSpec("data"))
 
+  tiled = bool(config.eval.tiled.enabled)
+  if tiled:   # large images (TT100K): tiles of the input size at the image's own resolution
+    predict_fn = tiled_batch_predictor(
+        local_image_predictor(setup.model, setup.anchors, config, setup.convention, variables), config)
+
   def keep_pictures(batch, arrays):
     for i in np.flatnonzero(arrays["batch_mask"])[:num_pictures - len(pictures)]:
       # Boxes normalised to the original image, drawn on the input-size image the model saw.
@@ -238,7 +287,7 @@ def run_evaluation(setup, state, step, workdir=None, writer=None):
   metrics = eval_loop.evaluate_batches(
       predict_fn,
       pipeline.make_eval_batches(config, process_index=jax.process_index(),
-                                 process_count=jax.process_count()),
+                                 process_count=jax.process_count(), with_original_images=tiled),
       evaluator,
       process_allgather=(multihost_utils.process_allgather if jax.process_count() > 1 else None),
       on_batch=keep_pictures if num_pictures else None)

@@ -156,6 +156,18 @@ def test_synthetic_is_reproducible_and_seeded(tmp_path):
           != registry.get_dataset(other.data).parts[0].tfds_name)
 
 
+def test_synthetic_parallel_generation_equals_serial(monkeypatch):
+  spec = synthetic.SyntheticSpec(image_size_px=32, num_train=8, num_test=1, min_object_px=4,
+                                 max_object_px=12)
+  serial = list(synthetic._examples(spec, "train", 8))
+  monkeypatch.setattr(synthetic, "_PARALLEL_MIN_IMAGES", 4)   # 8 images -> 2 worker processes
+  parallel = list(synthetic._examples(spec, "train", 8))
+  assert [i for i, _ in parallel] == list(range(8))
+  for (_, a), (_, b) in zip(serial, parallel):
+    assert a["image"] == b["image"] and a["objects"]["label"] == b["objects"]["label"]
+    np.testing.assert_array_equal(np.asarray(a["objects"]["bbox"]), np.asarray(b["objects"]["bbox"]))
+
+
 # ---- TT100K ---------------------------------------------------------------------------------------
 
 SIGN_RGB = (230, 20, 20)

@@ -195,11 +195,11 @@ def test_fusion_block_matches_numpy(deep_size, shallow_size):
   shallow = rng.standard_normal((2, shallow_size, shallow_size, 5)).astype(np.float32)
   deep = rng.standard_normal((2, deep_size, deep_size, 6)).astype(np.float32)
   block = models.FusionBlock(deconv_features=4, out_features=3, l2norm_scale=20.0)
-  params = block.init(jax.random.key(1), shallow, deep)["params"]
+  params = jax.eval_shape(lambda: block.init(jax.random.key(1), shallow, deep))["params"]
   # Random biases and scales, so a mix-up of any of them shows.
   params = jax.tree_util.tree_map(
       lambda x: np.asarray(rng.standard_normal(x.shape), np.float32), params)
-  got = np.asarray(block.apply({"params": params}, shallow, deep))
+  got = np.asarray(jax.jit(block.apply)({"params": params}, shallow, deep))
 
   p = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), params)
   up = deep.astype(np.float64)
@@ -225,32 +225,60 @@ def test_fusion_block_matches_numpy(deep_size, shallow_size):
 TINY = 1.0 / 16
 
 
+def rbg_key(seed):
+  # The "rbg" PRNG compiles in a fraction of the time threefry takes on CPU (~100 params here).
+  return jax.random.key(seed, impl="rbg")
+
+
+def compile_fast(fn, *args):
+  """jax.jit(fn) compiled for args with XLA's backend optimisations off: half the compile time of
+  a ~100-layer graph on CPU, and these tests run it once."""
+  return jax.jit(fn).lower(*args).compile(compiler_options={"xla_backend_optimization_level": 0})
+
+
 @pytest.fixture(scope="module")
 def tiny_mdssd300():
-  c = _config("mdssd300", width_multiplier=TINY)
+  """One jitted init + training forward + backward of a tiny batch-norm MDSSD300 (the demo's
+  variant), compiled once for several tests: XLA compiles slowly on a shared CPU.
+
+  The head biases are re-drawn at random so that a bias mix-up shows in the order test.
+  """
+  c = _config("mdssd300", width_multiplier=TINY, batch_norm=True)
   model, anchors = models.build_detector(c)
   images = np.random.default_rng(0).standard_normal((2, 300, 300, 3)).astype(np.float32)
-  variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(images)
-  return c, model, anchors, variables, images
+
+  def run(key, x):
+    init_key, bias_key = jax.random.split(key)
+    variables = model.init(init_key, x, train=False)
+    params = dict(variables["params"])
+    for i, name in enumerate(f"{s}_{t}" for s in model.head_sources for t in ("loc", "conf")):
+      bias = jax.random.normal(jax.random.fold_in(bias_key, i), params[name]["bias"].shape)
+      params[name] = dict(params[name], bias=bias)
+
+    def scalar(p):
+      (loc, logits), state = model.apply({"params": p, "batch_stats": variables["batch_stats"]},
+                                         x, train=True, mutable=["batch_stats", "intermediates"])
+      value = jnp.mean(loc ** 2) + jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+      return value, (loc, logits, state)
+
+    (value, aux), grads = jax.value_and_grad(scalar, has_aux=True)(params)
+    return variables, params, value, aux, grads
+
+  variables, params, value, (loc, logits, state), grads = compile_fast(run, rbg_key(0), images)(
+      rbg_key(0), images)
+  return dict(config=c, model=model, anchors=anchors, variables=variables, params=params,
+              value=value, loc=loc, logits=logits, maps=state["intermediates"]["head_maps"],
+              batch_stats=state["batch_stats"], grads=grads)
 
 
 def test_head_outputs_follow_default_box_order(tiny_mdssd300):
   """Rebuilds (B, A, 4) and (B, A, C+1) from the head maps with explicit loops over
   (layer, row, column, box in cell), the order of the default boxes."""
-  c, model, anchors, variables, images = tiny_mdssd300
-  rng = np.random.default_rng(1)
-  params = jax.tree_util.tree_map(lambda x: np.asarray(x), variables["params"])
-  for source in c.model.head_sources:   # random biases so a bias mix-up shows too
-    for suffix in ("loc", "conf"):
-      b = params[f"{source}_{suffix}"]["bias"]
-      params[f"{source}_{suffix}"]["bias"] = rng.standard_normal(b.shape).astype(np.float32)
-  (loc, logits), state = jax.jit(
-      lambda p, x: model.apply({"params": p}, x, train=False, mutable=["intermediates"]))(
-          params, images)
-  maps = state["intermediates"]["head_maps"]
+  t = tiny_mdssd300
+  c, params = t["config"], jax.tree_util.tree_map(np.asarray, t["params"])
   num_classes = c.model.num_classes
   want_loc, want_cls = [], []
-  for source, ratios, fmap in zip(c.model.head_sources, c.anchors.aspect_ratios, maps):
+  for source, ratios, fmap in zip(c.model.head_sources, c.anchors.aspect_ratios, t["maps"]):
     k = 2 + 2 * len(ratios)
     fmap = np.asarray(fmap, np.float64)
     lo = np_conv(fmap, params[f"{source}_loc"]["kernel"], params[f"{source}_loc"]["bias"], pad=1)
@@ -261,49 +289,55 @@ def test_head_outputs_follow_default_box_order(tiny_mdssd300):
           want_loc.append(lo[:, i, j, box * 4:(box + 1) * 4])
           want_cls.append(cl[:, i, j, box * (num_classes + 1):(box + 1) * (num_classes + 1)])
   want_loc, want_cls = np.stack(want_loc, 1), np.stack(want_cls, 1)
-  assert loc.shape == want_loc.shape == (2, anchors.shape[0], 4)
-  np.testing.assert_allclose(loc, want_loc, rtol=1e-4, atol=1e-4 * np.abs(want_loc).max())
-  np.testing.assert_allclose(logits, want_cls, rtol=1e-4, atol=1e-4 * np.abs(want_cls).max())
+  assert t["loc"].shape == want_loc.shape == (2, t["anchors"].shape[0], 4)
+  assert t["logits"].shape == want_cls.shape == (2, 31232, num_classes + 1)
+  np.testing.assert_allclose(t["loc"], want_loc, rtol=1e-4, atol=1e-4 * np.abs(want_loc).max())
+  np.testing.assert_allclose(t["logits"], want_cls, rtol=1e-4, atol=1e-4 * np.abs(want_cls).max())
 
 
 def test_forward_and_backward_are_finite(tiny_mdssd300):
-  _, model, anchors, variables, images = tiny_mdssd300
-
-  def scalar(params):
-    loc, logits = model.apply({"params": params}, images, train=True)
-    return jnp.mean(loc ** 2) + jnp.mean(jax.nn.log_softmax(logits)[..., 0])
-
-  value, grads = jax.jit(jax.value_and_grad(scalar))(variables["params"])
-  assert np.isfinite(value)
-  leaves = jax.tree_util.tree_leaves(grads)
-  assert all(np.all(np.isfinite(g)) for g in leaves)
-  # Every layer takes part: the gradient reaches conv1_1 and every head.
+  t = tiny_mdssd300
+  assert np.isfinite(t["value"])
+  assert np.all(np.isfinite(t["loc"])) and np.all(np.isfinite(t["logits"]))
+  grads = t["grads"]
+  assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
+  # Every part takes part: the gradient reaches conv1_1, every fusion branch and every head.
   assert np.abs(grads["vgg"]["conv1_1"]["conv"]["kernel"]).sum() > 0
-  assert all(np.abs(grads[f"{s}_conf"]["kernel"]).sum() > 0 for s in model.head_sources)
+  for name in ("fusion1", "fusion2", "fusion3"):
+    assert np.abs(grads[name]["deconv1"]["kernel"]).sum() > 0
+    assert np.abs(grads[name]["shallow_conv"]["kernel"]).sum() > 0
+  assert all(np.abs(grads[f"{s}_conf"]["kernel"]).sum() > 0 for s in t["model"].head_sources)
 
 
-def test_batch_norm_bfloat16_variant():
-  """The demo's variant: batch norm, bf16 compute, float32 params and outputs, small input."""
-  c = _config("mdssd300", width_multiplier=TINY, batch_norm=True, dtype="bfloat16")
-  model = models.build_model(c)
-  images = np.random.default_rng(0).standard_normal((2, 300, 300, 3)).astype(np.float32)
-  variables = model.init(jax.random.key(0), images, train=False)
+def test_batch_norm_variant(tiny_mdssd300):
+  """Batch norm after every trunk/extra conv; training updates the running statistics."""
+  t = tiny_mdssd300
+  variables = t["variables"]
   assert set(variables) == {"params", "batch_stats"}
   assert "bias" not in variables["params"]["vgg"]["conv1_1"]["conv"]
-  assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(variables))
-
-  def loss(params):
-    (loc, logits), state = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
-                                       images, train=True, mutable=["batch_stats"])
-    return jnp.mean(loc ** 2) + jnp.mean(logits ** 2), (state, loc, logits)
-
-  (value, (state, loc, logits)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
-      variables["params"])
-  assert loc.dtype == logits.dtype == jnp.float32
-  assert np.isfinite(value) and all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
+  assert "bn" in variables["params"]["conv8_2"] and "bn" in variables["params"]["vgg"]["conv7"]
   old = variables["batch_stats"]["vgg"]["conv1_1"]["bn"]["mean"]
-  new = state["batch_stats"]["vgg"]["conv1_1"]["bn"]["mean"]
-  assert not np.allclose(old, new)
+  new = t["batch_stats"]["vgg"]["conv1_1"]["bn"]["mean"]
+  assert old.shape == (4,) and not np.allclose(old, new)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_outputs():
+  c = _config("mdssd300", dtype="bfloat16", batch_norm=True)
+  variables, (loc, logits), maps = models.abstract_forward(models.build_model(c), 300)
+  assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(variables))
+  assert loc.dtype == logits.dtype == jnp.float32
+  assert all(m.dtype == jnp.bfloat16 for m in maps)
+  # A real bf16 Fusion Block stays close to its float32 twin (same float32 params).
+  rng = np.random.default_rng(0)
+  shallow = rng.standard_normal((1, 19, 19, 8)).astype(np.float32)
+  deep = rng.standard_normal((1, 3, 3, 8)).astype(np.float32)
+  block32 = models.FusionBlock(8, 8)
+  params = block32.init(rbg_key(0), shallow, deep)
+  out32 = block32.apply(params, shallow, deep)
+  out16 = models.FusionBlock(8, 8, dtype=jnp.bfloat16).apply(params, shallow, deep)
+  assert out16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out16, np.float32), out32, rtol=0.05,
+                             atol=0.05 * np.abs(out32).max())
 
 
 # ---- model / anchors consistency ----------------------------------------------------------------

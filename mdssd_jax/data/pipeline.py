@@ -239,7 +239,8 @@ def _local_batch_size(global_batch_size, process_count, what):
 def make_train_iterator(config, process_index=0, process_count=1):
   """TrainIterator of per-process batches of config.train.global_batch_size // process_count.
 
-  Order and augmentation follow config.seed; process i of n reads its own shard of the split.
+  Order and augmentation follow config.seed (and config.data.num_workers: Grain batches within each
+  worker); process i of n reads its own shard of the split, reshuffled every epoch, forever.
   Batches: image uint8 (B, S, S, 3) RGB, boxes float32 (B, max_boxes, 4) xyxy normalised (zeros =
   padding), labels int32 (B, max_boxes) 1..C (0 = padding).
   """

@@ -4,9 +4,12 @@ Each image is drawn from its own seed (data seed, split, index), so generation i
 order-free. Class = shape; colour, size, position, clutter and distractors are random.
 """
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
+import multiprocessing
+import os
 import zlib
 
 import cv2
@@ -290,22 +293,44 @@ class SyntheticSmallObjects(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, split, count):
     spec = self.builder_config.spec
-    for index in range(count):
-      image, boxes_px, labels = render(spec, split, index)
-      # No chroma subsampling: it would smear the colour edges of the few-pixel objects.
-      ok, encoded = cv2.imencode(".jpg", image[..., ::-1],
-                                 [cv2.IMWRITE_JPEG_QUALITY, spec.jpeg_quality,
-                                  cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444])
-      assert ok, "OpenCV could not encode a JPEG"
-      size = float(spec.image_size_px)
-      yield index, {
-          "image": encoded.tobytes(),
-          "image/filename": f"{split}_{index:06d}.jpg",
-          "objects": {
-              # BBoxFeature: (ymin, xmin, ymax, xmax) normalised; the boxes lie inside the image.
-              "bbox": [tfds.features.BBox(*np.clip([b[1] / size, b[0] / size, b[3] / size,
-                                                    b[2] / size], 0.0, 1.0)) for b in boxes_px],
-              "label": labels.tolist(),
-              "is_difficult": [False] * len(labels),
-          },
-      }
+    for index, example in _examples(spec, split, count):
+      yield index, example
+
+
+# Below this many images, starting worker processes costs more than it saves.
+_PARALLEL_MIN_IMAGES = 256
+
+
+def _examples(spec, split, count):
+  """Yields (index, TFDS example) in index order, rendered on all CPU cores for large counts."""
+  workers = min(os.cpu_count() or 1, count // _PARALLEL_MIN_IMAGES)
+  if workers <= 1:
+    yield from ((index, _example(spec, split, index)) for index in range(count))
+    return
+  # "spawn": the caller has TF / JAX threads running, which a fork would copy in a broken state.
+  context = multiprocessing.get_context("spawn")
+  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+    examples = pool.map(_example, [spec] * count, [split] * count, range(count), chunksize=16)
+    yield from enumerate(examples)
+
+
+def _example(spec, split, index):
+  """The TFDS example of image `index` of `split`: JPEG bytes and (ymin, xmin, ymax, xmax) boxes."""
+  image, boxes_px, labels = render(spec, split, index)
+  # No chroma subsampling: it would smear the colour edges of the few-pixel objects.
+  ok, encoded = cv2.imencode(".jpg", image[..., ::-1],
+                             [cv2.IMWRITE_JPEG_QUALITY, spec.jpeg_quality,
+                              cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444])
+  assert ok, "OpenCV could not encode a JPEG"
+  size = float(spec.image_size_px)
+  return {
+      "image": encoded.tobytes(),
+      "image/filename": f"{split}_{index:06d}.jpg",
+      "objects": {
+          # BBoxFeature: (ymin, xmin, ymax, xmax) normalised; the boxes lie inside the image.
+          "bbox": [tfds.features.BBox(*np.clip([b[1] / size, b[0] / size, b[3] / size, b[2] / size],
+                                               0.0, 1.0)) for b in boxes_px],
+          "label": labels.tolist(),
+          "is_difficult": [False] * len(labels),
+      },
+  }
