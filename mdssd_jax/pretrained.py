@@ -1,4 +1,4 @@
-"""ImageNet VGG16 weights into the SSD trunk: timm / torchvision / ssd.pytorch files, no torch needed.
+"""ImageNet VGG16 weights into the SSD trunk: timm / torchvision / ssd.pytorch files, no torch.
 
 fc6/fc7 become the dilated conv6 and the 1x1 conv7 by decimation (REFERENCE.md section 3). Each
 source's pixel convention travels with its weights. PyTorch `.pth` files (zip and legacy formats)
@@ -80,7 +80,7 @@ def read_state_dict(path: str) -> Dict[str, np.ndarray]:
 
 
 def _unwrap(obj, path):
-  """The tensor dict of a checkpoint, stripping the usual wrappers ({'state_dict': ...}, 'module.')."""
+  """The tensor dict of a checkpoint, without the usual wrappers ({'state_dict': ..}, 'module.')."""
   for wrapper in ("state_dict", "model"):
     if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
       obj = obj[wrapper]
@@ -326,7 +326,7 @@ def load_vgg16(path: str, params, source: str = "auto") -> Tuple[Dict[str, Any],
 
   new_trunk = dict(trunk)
   for name, (w, b) in layers.items():
-    kernel = np.ascontiguousarray(w.transpose(3, 2, 1, 0))   # OIHW -> HWIO
+    kernel = np.ascontiguousarray(w.transpose(2, 3, 1, 0))   # OIHW -> HWIO
     expected = tuple(trunk[name]["conv"]["kernel"].shape)
     if kernel.shape != expected:
       raise ValueError(f"{source} weights for {name}: kernel {kernel.shape} (HWIO) does not fit "

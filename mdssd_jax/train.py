@@ -5,6 +5,7 @@ pod alike); matching and the MultiBox loss run inside the step on padded ground 
 everything a resume needs; clu writes TensorBoard summaries and progress.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -354,6 +355,16 @@ class NonFiniteLossError(FloatingPointError):
   pass
 
 
+@contextlib.contextmanager
+def _closing(manager):
+  """Finishes the asynchronous saves under way, however the loop ends (an error included)."""
+  try:
+    yield manager
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+
+
 def train_and_evaluate(config, workdir):
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final metrics."""
   workdir = os.path.abspath(workdir)
@@ -399,6 +410,7 @@ def train_and_evaluate(config, workdir):
   def check_finite(state):
     bad = int(jax.device_get(state["first_nonfinite_step"]))
     if bad >= 0:
+      manager.wait_until_finished()   # the saves already under way hold good states: finish them
       raise NonFiniteLossError(
           f"the loss or gradient stopped being finite at step {bad + 1}; the parameters of that step "
           f"were not applied and nothing after it was saved. Last good checkpoint: step "
@@ -415,7 +427,7 @@ def train_and_evaluate(config, workdir):
   logging.info("training %s for %d steps (from step %d), global batch %d on %d device(s)",
                config.model.architecture, train_cfg.num_steps, step, train_cfg.global_batch_size,
                jax.device_count())
-  with _Preemption() as preemption, metric_writers.ensure_flushes(writer):
+  with _Preemption() as preemption, metric_writers.ensure_flushes(writer), _closing(manager):
     while step < train_cfg.num_steps:
       batch = setup.global_batch(next(train_iter))
       state, metrics = train_step(state, batch)
@@ -442,8 +454,6 @@ def train_and_evaluate(config, workdir):
         logging.warning("stopped at step %d for preemption; rerun the same command to resume", step)
         break
 
-  manager.wait_until_finished()
-  manager.close()
   if jax.process_index() == 0:
     _say_where(workdir, manager, step)
   return eval_metrics
@@ -451,7 +461,7 @@ def train_and_evaluate(config, workdir):
 
 def _say_where(workdir, manager, step):
   lines = [f"Done at step {step}.",
-           f"  checkpoints:  {manager.directory} (latest step {manager.latest_step()})",
+           f"  checkpoints:  {manager.directory} (latest: step {step})",
            f"  metrics:      {os.path.join(workdir, EVAL_RESULTS_FILE)} and TensorBoard logs in {workdir}",
            f"  pictures:     {os.path.join(workdir, 'pictures')}"]
   logging.info("\n".join(lines))

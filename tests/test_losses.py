@@ -9,9 +9,10 @@ import pytest
 
 from mdssd_jax import losses
 
-# Jitted once per shape: eager dispatch of every op would dominate the test time.
-LOSS = jax.jit(losses.multibox_loss, static_argnames=("neg_pos_ratio", "loc_weight"))
-HARD_NEGATIVES = jax.jit(losses.hard_negative_mask, static_argnames="neg_pos_ratio")
+# Jitted with the ratio and weight traced: eager dispatch or one compilation per setting would
+# dominate the test time.
+LOSS = jax.jit(losses.multibox_loss)
+HARD_NEGATIVES = jax.jit(losses.hard_negative_mask)
 
 
 def _reference_loss(loc_preds, cls_logits, loc_targets, cls_targets, neg_pos_ratio=3.0,
@@ -59,7 +60,7 @@ def _random_inputs(seed, batch=3, num_anchors=40, num_classes=4, pos_frac=0.1):
 
 
 def _check(inputs, **kwargs):
-  loss, aux = LOSS(*inputs, **kwargs)
+  loss, aux = LOSS(*inputs, **dict(dict(neg_pos_ratio=3.0, loc_weight=1.0), **kwargs))
   ref_loss, ref_loc, ref_cls, _ = _reference_loss(*inputs, **kwargs)
   np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(float(aux["loc_loss"]), ref_loc, rtol=1e-5, atol=1e-6)

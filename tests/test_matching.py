@@ -14,8 +14,20 @@ TINY = dict(image_size=64, feature_sizes=(8, 4, 2, 1), steps=(8, 16, 32, 64),
             min_sizes=(8, 20, 36, 52), max_sizes=(20, 36, 52, 68),
             aspect_ratios=((2,), (2, 3), (2,), (2,)))
 ANCHORS = anchor_lib.default_boxes(**TINY)
-# Jitted once per shape: eager dispatch of every op would dominate the test time.
-MATCH = jax.jit(matching.match, static_argnames=("iou_threshold", "variances", "min_size"))
+# Jitted, thresholds traced, inputs padded to one shape: a single compilation serves every test.
+MATCH = jax.jit(matching.match)
+BATCH, SLOTS = 4, 6
+
+
+def _match(gt, labels, **kwargs):
+  """MATCH on inputs padded to (BATCH, SLOTS) with label-0 slots (garbage boxes), then cropped."""
+  batch, num_gt = labels.shape
+  padded_gt = np.full((BATCH, SLOTS, 4), 0.25, np.float32)
+  padded_labels = np.zeros((BATCH, SLOTS), np.int32)
+  padded_gt[:batch, :num_gt], padded_labels[:batch, :num_gt] = gt, labels
+  kwargs = dict(dict(iou_threshold=0.5, min_size=0.0), **kwargs)   # same call signature each time
+  loc, cls = MATCH(padded_gt, padded_labels, ANCHORS, **kwargs)
+  return np.asarray(loc)[:batch], np.asarray(cls)[:batch]
 
 
 def _pair_iou(a, b):
@@ -73,8 +85,7 @@ def _random_batch(rng, batch=4, num_gt=6):
 
 
 def _check(gt, labels, **kwargs):
-  loc, cls = MATCH(gt, labels, ANCHORS, **kwargs)
-  loc, cls = np.asarray(loc), np.asarray(cls)
+  loc, cls = _match(gt, labels, **kwargs)
   ref_loc, ref_cls = _reference_match(gt, labels, ANCHORS, **kwargs)
   assert loc.dtype == np.float32 and cls.dtype == np.int32
   assert np.all(np.isfinite(loc))
@@ -123,6 +134,14 @@ def test_shared_best_default_box_goes_to_higher_index():
   assert (others == 1).sum() > 0
 
 
+def test_padding_cannot_undo_a_forced_match_on_the_first_default_box():
+  # A small box in the top-left corner whose best default box is box 0 (IoU 0.23, next best 0.15);
+  # the padded slots after it all point at box 0 too and must not take it back.
+  gt = np.array([[[0.0, 0.0, 0.06, 0.06]]], np.float32)
+  _, cls = _check(gt, np.array([[7]]))
+  assert cls[0, 0] == 7 and (cls == 7).sum() == 1
+
+
 def test_degenerate_and_padded_boxes_never_match():
   rng = np.random.default_rng(4)
   gt, labels = _random_batch(rng, batch=2, num_gt=5)
@@ -139,21 +158,21 @@ def test_degenerate_and_padded_boxes_never_match():
 def test_min_size_drops_tiny_boxes():
   gt = np.array([[[0.5, 0.5, 0.5 + 1e-4, 0.6], [0.1, 0.1, 0.4, 0.4]]], np.float32)
   labels = np.array([[1, 2]])
-  loc, cls = MATCH(gt, labels, ANCHORS, min_size=1e-3)
+  loc, cls = _match(gt, labels, min_size=1e-3)
   assert not np.isin(np.asarray(cls), [1]).any() and np.isin(np.asarray(cls), [2]).any()
-  _, cls_default = MATCH(gt, labels, ANCHORS)
+  _, cls_default = _match(gt, labels)
   assert np.isin(np.asarray(cls_default), [1]).any()
 
 
 def test_nan_boxes_are_dropped_and_targets_stay_finite():
   gt = np.array([[[np.nan, 0.1, 0.4, 0.4], [0.1, 0.1, 0.4, 0.4]]], np.float32)
-  loc, cls = MATCH(gt, np.array([[1, 2]]), ANCHORS)
+  loc, cls = _match(gt, np.array([[1, 2]]))
   assert np.all(np.isfinite(np.asarray(loc)))
   assert set(np.unique(np.asarray(cls))) == {0, 2}
 
 
 def test_empty_batch():
-  loc, cls = MATCH(np.zeros((3, 4, 4), np.float32), np.zeros((3, 4), np.int32), ANCHORS)
+  loc, cls = _match(np.zeros((3, 4, 4), np.float32), np.zeros((3, 4), np.int32))
   assert np.all(np.asarray(cls) == 0) and np.all(np.asarray(loc) == 0)
 
 

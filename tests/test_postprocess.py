@@ -128,6 +128,15 @@ def test_nms_mask_matches_greedy_loop():
       np.testing.assert_array_equal(keep[b, c], [i in kept for i in range(40)])
 
 
+def test_nms_suppresses_only_above_the_threshold():
+  boxes = np.array([[[0, 0, 1, 1], [0, 0, 1, 0.5], [0, 0.5, 1, 1]]], np.float32)  # IoU 0.5, 0.5, 0
+  valid = np.ones((1, 3), bool)
+  np.testing.assert_array_equal(NMS(boxes, valid, iou_threshold=0.5), [[True, True, True]])
+  np.testing.assert_array_equal(NMS(boxes, valid, iou_threshold=0.49), [[True, False, False]])
+  valid[0, 0] = False                            # an invalid box suppresses nothing
+  np.testing.assert_array_equal(NMS(boxes, valid, iou_threshold=0.49), [[False, True, True]])
+
+
 def test_all_below_threshold_gives_invalid_zero_slots():
   loc_preds, cls_logits, anchors = _random_problem(4)
   cls_logits[..., 0] = 50.0                      # background wins everywhere

@@ -168,7 +168,8 @@ def write_torch_legacy(path, entries, storages):
 def files(weights, tmp_path_factory):
   d = tmp_path_factory.mktemp("vgg")
   paths = dict(timm=str(d / "vgg16.tv_in1k.safetensors"), torchvision=str(d / "vgg16.pth"),
-               ssd_zip=str(d / "vgg16_reducedfc_zip.pth"), ssd_legacy=str(d / "vgg16_reducedfc.pth"))
+               ssd_zip=str(d / "vgg16_reducedfc_zip.pth"),
+               ssd_legacy=str(d / "vgg16_reducedfc.pth"))
   save_file(timm_state(weights), paths["timm"])
   write_torch_zip(paths["torchvision"], torchvision_state(weights), prefix="vgg16-397923af")
   write_torch_zip(paths["ssd_zip"], ssd_pytorch_state(weights))
@@ -204,7 +205,7 @@ def timm_loaded(files):
   return pretrained.load_vgg16(files["timm"], trunk_params())
 
 
-# ---- an independent NumPy trunk (NCHW, OIHW, as PyTorch computes it) ------------------------------
+# ---- an independent NumPy trunk (NCHW, OIHW, as PyTorch computes it) ---------------------------
 
 def ref_conv(x, w, b, pad, dilation=1):
   """x (C, H, W), w (O, C, kh, kw): stride-1 cross-correlation with zero padding."""
@@ -249,7 +250,7 @@ def ref_trunk(w, image_chw):
   return maps
 
 
-# ---- tests ----------------------------------------------------------------------------------------
+# ---- tests -------------------------------------------------------------------------------------
 
 def test_timm_safetensors_trunk_matches_numpy(weights, timm_loaded):
   params, pixel = timm_loaded

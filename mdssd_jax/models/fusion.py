@@ -1,13 +1,14 @@
 """MDSSD's Fusion Block: a deep, semantically strong map upsampled 8x and added to a shallow map.
 
 Upper branch (deep map): three stride-2 transposed convs, each followed by a 3x3 conv, then L2Norm.
-Lower branch (shallow map): a 3x3 conv, then L2Norm. Sum, one 3x3 conv, ReLU (REFERENCE.md section 1).
+Lower branch (shallow map): a 3x3 conv, then L2Norm. Sum, one 3x3 conv, ReLU (REFERENCE.md s. 1).
 """
 
 import math
 from typing import Any, Sequence, Tuple
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from mdssd_jax.models import vgg
@@ -19,7 +20,7 @@ DECONV_PADDING = {2: 0, 3: 1}
 
 
 def deconv_kernels(deep_size: int, shallow_size: int, num_steps: int = 3) -> Tuple[int, ...]:
-  """Kernel sizes (deep to shallow) of `num_steps` stride-2 deconvs taking deep_size to shallow_size.
+  """Kernels (deep to shallow) of `num_steps` stride-2 deconvs taking deep_size to shallow_size.
 
   Walks back from the shallow size: the previous size is ceil(t / 2), reached with kernel 2 when
   2 * prev == t (exact doubling) and kernel 3 (2 * prev - 1) otherwise. E.g. 10 -> 75 is (3, 2, 3):
@@ -78,10 +79,7 @@ class FusionBlock(nn.Module):
     kernels_w = deconv_kernels(deep.shape[2], shallow.shape[2], self.num_deconvs)
     up = deep.astype(self.dtype)
     for i, (kh, kw) in enumerate(zip(kernels_h, kernels_w)):
-      up = nn.ConvTranspose(
-          self.deconv_features, (kh, kw), strides=(DECONV_STRIDE, DECONV_STRIDE),
-          padding=_transpose_padding((kh, kw)), dtype=self.dtype, param_dtype=jnp.float32,
-          kernel_init=vgg.KERNEL_INIT, bias_init=vgg.BIAS_INIT, name=f"deconv{i + 1}")(up)
+      up = Deconv(self.deconv_features, (kh, kw), dtype=self.dtype, name=f"deconv{i + 1}")(up)
       up = conv(self.deconv_features, f"deconv{i + 1}_conv")(up)
       if i + 1 < self.num_deconvs:
         up = nn.relu(up)
@@ -91,6 +89,32 @@ class FusionBlock(nn.Module):
     low = vgg.L2Norm(self.l2norm_scale, dtype=self.dtype, name="shallow_norm")(low)
 
     return nn.relu(conv(self.out_features, "out_conv")(up + low))
+
+
+class Deconv(nn.Module):
+  """A stride-2 transposed conv with PyTorch's padding for its kernel (2 -> 0, 3 -> 1).
+
+  The same function and parameters as flax's `nn.ConvTranspose` (kernel (kh, kw, Cin, Cout), bias),
+  computed as zero insertion + an ordinary stride-1 conv: XLA:CPU differentiates a conv with
+  lhs dilation (what ConvTranspose lowers to) through a slow path, 3x slower here than this.
+  """
+  features: int
+  kernel_size: Tuple[int, int]
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", vgg.KERNEL_INIT, tuple(self.kernel_size) + (x.shape[-1], self.features),
+                        jnp.float32)
+    bias = self.param("bias", vgg.BIAS_INIT, (self.features,), jnp.float32)
+    b, h, w, c = x.shape
+    s = DECONV_STRIDE
+    dilated = jnp.zeros((b, (h - 1) * s + 1, (w - 1) * s + 1, c), self.dtype)
+    dilated = dilated.at[:, ::s, ::s, :].set(x.astype(self.dtype))
+    y = jax.lax.conv_general_dilated(dilated, kernel.astype(self.dtype), (1, 1),
+                                     _transpose_padding(self.kernel_size),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y + bias.astype(self.dtype)
 
 
 def _transpose_padding(kernel: Sequence[int]):

@@ -4,7 +4,7 @@ Everything comes from `config.model` (layers, widths, dtype) and `config.anchors
 the heads' outputs are concatenated in exactly the default-box order of `mdssd_jax.anchors`.
 """
 
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Tuple
 
 import flax.linen as nn
 import jax

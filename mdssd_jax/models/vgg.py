@@ -37,10 +37,19 @@ def trunk_layer_names() -> Tuple[str, ...]:
 
 
 def max_pool_2x2(x, ceil_mode: bool):
-  """2x2 stride-2 max pool on (B, H, W, C); ceil_mode pads bottom/right so odd sizes round up."""
-  pads = [(0, x.shape[axis] % 2 if ceil_mode else 0) for axis in (1, 2)]
-  # flax pads max_pool with -inf, so the padded row/column never wins.
-  return nn.max_pool(x, (2, 2), strides=(2, 2), padding=pads)
+  """2x2 stride-2 max pool on (B, H, W, C); ceil_mode pads bottom/right so odd sizes round up.
+
+  Written as a reshape + max rather than a reduce_window: same forward values, and XLA:CPU runs
+  its gradient about 3x faster than reduce_window's select-and-scatter (ties, which only occur
+  between post-ReLU zeros or equal values, share the gradient instead of giving it to the first).
+  """
+  b, h, w, c = x.shape
+  if ceil_mode:   # pad with the lowest value, so the padded row/column never wins
+    x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), constant_values=jnp.finfo(x.dtype).min)
+  else:
+    x = x[:, :h - h % 2, :w - w % 2, :]
+  b, h, w, c = x.shape
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
 class L2Norm(nn.Module):
