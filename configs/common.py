@@ -99,6 +99,7 @@ def base_config():
   c.data.synthetic.max_object_px = 48
   c.data.synthetic.max_objects = 12     # labelled objects per image: 0..max (fewer where overlap is too much)
   c.data.synthetic.max_distractors = 4  # unlabelled shapes (stars, thin bars) per image: 0..max
+  c.data.synthetic.colour_by_class = False  # True: one hue per class (easier: the CPU demo)
   c.data.tt100k = ml_collections.ConfigDict()      # used by the TT100K data set only
   c.data.tt100k.classes = ()            # () = the customary 45 classes
   c.data.tt100k.train_crop_size_px = 512

@@ -35,17 +35,21 @@ def get_config():
   c.data.synthetic.max_object_px = 40
   c.data.synthetic.num_train = 4000
   c.data.synthetic.num_test = 200
+  # One hue per class on top of the shape, so that a 1/8-width detector trained from scratch on two
+  # CPU cores reaches a useful mAP in minutes; set False for shape-only classes (needs longer).
+  c.data.synthetic.colour_by_class = True
+  c.data.synthetic.max_distractors = 2
   c.data.train_split = "train"
   c.data.eval_split = "test"
   c.data.max_boxes = 32
   c.data.num_workers = 1
-  c.augment.expand_max_ratio = 2.0  # zooming out 4x would shrink 8 px objects below a pixel or two
+  c.augment.expand_prob = 0.0      # zooming out would shrink 8 px objects to a few pixels
 
   c.train.optimizer = "adamw"       # converges in minutes from scratch; SGD is the paper's choice
   c.train.base_lr = 2e-3
   c.train.weight_decay = 1e-4
-  c.train.global_batch_size = 16
-  c.train.reference_batch_size = 16
+  c.train.global_batch_size = 8
+  c.train.reference_batch_size = 8
   c.train.num_steps = 2000
   c.train.warmup_steps = 100
   c.train.warmup_factor = 0.1

@@ -280,7 +280,7 @@ def run_evaluation(setup, state, step, workdir=None, writer=None):
       # Boxes normalised to the original image, drawn on the input-size image the model saw.
       size = np.asarray(batch["image"].shape[1:3], np.float32)
       scale = size[[1, 0, 1, 0]] / np.asarray(batch["orig_size"][i], np.float32)[[1, 0, 1, 0]]
-      keep = arrays["keep"][i]
+      keep = arrays["keep"][i] & (arrays["scores"][i] >= config.eval.picture_score_threshold)
       pictures.append(dict(image=np.asarray(batch["image"][i]), boxes_px=arrays["boxes_px"][i][keep] * scale,
                            classes=arrays["classes"][i][keep], scores=arrays["scores"][i][keep]))
 

@@ -1,5 +1,6 @@
 """Shared test set-up: a persistent XLA compilation cache, so the many tiny training runs of the
-tests (and their subprocesses, which inherit the environment) compile each program once."""
+tests (and their subprocesses, which inherit the environment) compile each program once, and
+little XLA optimisation, since compiling dominates the tests' run time."""
 
 import os
 import sys
@@ -14,3 +15,7 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The tests' models are tiny: XLA's backend optimisations cost more compile time (about 2x for a
+# training run) than they save at run time.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()

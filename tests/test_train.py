@@ -185,7 +185,8 @@ def test_one_and_four_devices_give_the_same_loss(data_dir):
   script = DATA_PARALLEL.format(root=ROOT, data_dir=data_dir)
   results = []
   for n in (1, 4):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
+                                      + f" --xla_force_host_platform_device_count={n}"))
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
                           env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

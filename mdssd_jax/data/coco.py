@@ -13,6 +13,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mdssd_jax.data import features
 from mdssd_jax.data.voc import OfficialFiles
 
 # The 80 COCO detection categories (category id, name), in id order: label k (1-based) is entry k-1.
@@ -90,18 +91,10 @@ class MdssdCoco(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-            "image/filename": tfds.features.Text(),
-            "image/id": np.int64,
-            "objects": tfds.features.Sequence({
-                "id": np.int64,
-                "area": np.float32,
-                "bbox": tfds.features.BBoxFeature(),
-                "label": tfds.features.ClassLabel(names=COCO_CLASS_NAMES),
-                "is_crowd": np.bool_,
-            }),
-        }),
+        features=features.detection_features(
+            COCO_CLASS_NAMES, is_difficult=False,
+            extra_object_features={"id": np.int64, "area": np.float32, "is_crowd": np.bool_},
+            extra_features={"image/id": np.int64}),
         metadata=tfds.core.MetadataDict(category_ids=list(COCO_CATEGORY_IDS)),
         homepage="https://cocodataset.org/",
         disable_shuffling=True,  # record i = image i of the annotation file, in its order

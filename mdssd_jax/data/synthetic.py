@@ -16,6 +16,8 @@ import cv2
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mdssd_jax.data import features
+
 # Shapes that carry a class label, in label order (label 1 = the first). They differ in outline,
 # not in colour, so a detector must see the shape: at a few pixels that needs resolution.
 CLASS_SHAPES = ("circle", "square", "triangle", "plus", "ring", "diamond")
@@ -49,6 +51,9 @@ class SyntheticSpec:
   max_lines: int = 6                 # random clutter lines
   max_blobs: int = 4                 # soft background blobs
   jpeg_quality: int = 95
+  # True: each class keeps one hue (jittered), so a class is told by shape AND colour: a CPU-sized
+  # detector learns that in minutes (the demo). False: shape alone, a harder task.
+  colour_by_class: bool = False
 
   def __post_init__(self):
     # Config values arrive as ints or floats alike: fix the types so equal specs hash alike.
@@ -191,6 +196,16 @@ def _contrasting_colour(local_mean, rng, min_contrast, tries=32):
   return 255.0 - local_mean
 
 
+# Hues of the classes when colour_by_class (OpenCV's 0..180 hue scale), far apart on the wheel.
+_CLASS_HUES = (0, 60, 120, 30, 90, 150)
+
+
+def _class_colour(label, rng):
+  """The class's hue, full saturation, random brightness: float RGB (3,)."""
+  hsv = np.uint8([[[_CLASS_HUES[label], 255, rng.integers(170, 256)]]])
+  return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0].astype(np.float64)
+
+
 def _random_box(spec, rng):
   """(x0, y0, w, h) px: log-uniform size (many small objects), mild aspect jitter, inside the image."""
   size = np.exp(rng.uniform(np.log(spec.min_object_px), np.log(spec.max_object_px)))
@@ -233,7 +248,10 @@ def render(spec, split, index, draw_objects=True):
     if any(_overlap_fraction(box, other) > spec.max_overlap for other in boxes):
       continue  # too much occlusion: skip rather than retry, so the count stays a free parameter
     local = canvas[int(box[1]):int(box[1] + box[3]) + 1, int(box[0]):int(box[0] + box[2]) + 1]
-    colour = _contrasting_colour(local.reshape(-1, 3).mean(0), rng, spec.min_contrast)
+    if spec.colour_by_class:
+      colour = _class_colour(label, rng)
+    else:
+      colour = _contrasting_colour(local.reshape(-1, 3).mean(0), rng, spec.min_contrast)
     _paint(canvas, CLASS_SHAPES[label], box, colour, rng)
     boxes.append(box)
     labels.append(label)
@@ -273,15 +291,7 @@ class SyntheticSmallObjects(tfds.core.GeneratorBasedBuilder):
     spec = self.builder_config.spec
     return self.dataset_info_from_configs(
         description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-            "image/filename": tfds.features.Text(),
-            "objects": tfds.features.Sequence({
-                "bbox": tfds.features.BBoxFeature(),
-                "label": tfds.features.ClassLabel(names=spec.class_names),
-                "is_difficult": np.bool_,
-            }),
-        }),
+        features=features.detection_features(spec.class_names),
         disable_shuffling=True,  # record i of a split is generated image i: reproducible ids
     )
 

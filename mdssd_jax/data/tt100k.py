@@ -15,6 +15,8 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from mdssd_jax.data import features
+
 # The customary 45 classes (REFERENCE.md section 4): those with at least 100 instances.
 TT100K_45_CLASSES = (
     "i2", "i4", "i5", "il100", "il60", "il80", "io", "ip", "p10", "p11", "p12", "p19", "p23", "p26",
@@ -89,15 +91,7 @@ class Tt100k(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-            "image/filename": tfds.features.Text(),
-            "objects": tfds.features.Sequence({
-                "bbox": tfds.features.BBoxFeature(),
-                "label": tfds.features.ClassLabel(names=list(self.builder_config.classes)),
-                "is_difficult": np.bool_,
-            }),
-        }),
+        features=features.detection_features(list(self.builder_config.classes)),
         homepage="https://cg.cs.tsinghua.edu.cn/traffic-sign/",
         disable_shuffling=True,  # record i = i-th image of the split in annotations.json's id order
     )

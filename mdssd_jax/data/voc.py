@@ -14,6 +14,8 @@ import zipfile
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mdssd_jax.data import features
+
 VOC_LABELS = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
               "train", "tvmonitor")
@@ -182,19 +184,12 @@ class MdssdVoc(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-            "image/filename": tfds.features.Text(),
-            "objects": tfds.features.Sequence({
-                "label": tfds.features.ClassLabel(names=VOC_LABELS),
-                "bbox": tfds.features.BBoxFeature(),
-                "pose": tfds.features.ClassLabel(names=VOC_POSES),
-                "is_truncated": np.bool_,
-                "is_difficult": np.bool_,
-            }),
-            "labels": tfds.features.Sequence(tfds.features.ClassLabel(names=VOC_LABELS)),
-            "labels_no_difficult": tfds.features.Sequence(tfds.features.ClassLabel(names=VOC_LABELS)),
-        }),
+        features=features.detection_features(
+            VOC_LABELS,
+            extra_object_features={"pose": tfds.features.ClassLabel(names=VOC_POSES),
+                                   "is_truncated": np.bool_},
+            extra_features={name: tfds.features.Sequence(tfds.features.ClassLabel(names=VOC_LABELS))
+                            for name in ("labels", "labels_no_difficult")}),
         homepage=f"http://host.robots.ox.ac.uk/pascal/VOC/voc{self.builder_config.year}/",
         disable_shuffling=True,  # record i = line i of the ImageSets list
     )

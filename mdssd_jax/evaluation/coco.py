@@ -10,6 +10,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
+from mdssd_jax.evaluation import base
+
 # The order of COCOeval.stats.
 STAT_NAMES = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
               "AR1", "AR10", "AR100", "AR_small", "AR_medium", "AR_large")
@@ -170,41 +172,19 @@ def _per_class(evaluator, label_to_category_id, dataset) -> Dict[int, Dict[str, 
   return per_class
 
 
-class CocoEvaluator:
+class CocoEvaluator(base.AccumulatingEvaluator):
   """Accumulates per-image predictions and ground truths; runs COCOeval once at the end."""
 
   def __init__(self, class_names: Sequence[str],
                label_to_category_id: Optional[Mapping[int, int]] = None,
                backend: str = DEFAULT_BACKEND):
     _backend_classes(backend)   # fail now, not after a whole evaluation pass
-    self.class_names = list(class_names)
+    super().__init__(class_names)
     self.label_to_category_id = label_to_category_id
     self.backend = backend
-    self.reset()
 
-  def reset(self) -> None:
-    self._predictions: List[Mapping[str, Any]] = []
-    self._ground_truths: List[Mapping[str, Any]] = []
-    self._result = None
-
-  def add(self, predictions: Sequence[Mapping[str, Any]],
-          ground_truths: Sequence[Mapping[str, Any]]) -> None:
-    if len(predictions) != len(ground_truths):
-      raise ValueError(f"add() got {len(predictions)} prediction dicts and {len(ground_truths)} "
-                       "ground-truth dicts; need one of each per image")
-    self._predictions.extend(predictions)
-    self._ground_truths.extend(ground_truths)
-    self._result = None
-
-  @property
-  def num_images(self) -> int:
-    return len(self._predictions)
-
-  def _evaluate(self):
-    if self._result is None:
-      self._result = evaluate(self._predictions, self._ground_truths, self.label_to_category_id,
-                              self.backend)
-    return self._result
+  def _evaluate_all(self, predictions, ground_truths):
+    return evaluate(predictions, ground_truths, self.label_to_category_id, self.backend)
 
   def compute(self) -> Dict[str, float]:
     """The twelve COCOeval figures: AP, AP50, AP75, AP_small, ..., AR_large."""

@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 
+from mdssd_jax.evaluation import base
 from mdssd_jax.evaluation import voc
 
 # (name, (lowest, highest) longer side in pixels), REFERENCE.md section 4.
@@ -166,42 +167,21 @@ def evaluate(predictions: Sequence[Mapping[str, Any]], ground_truths: Sequence[M
   return out
 
 
-class Tt100kEvaluator:
+class Tt100kEvaluator(base.AccumulatingEvaluator):
   """Accumulates per-image predictions and ground truths; computes TT100K metrics at the end."""
 
   def __init__(self, class_names: Sequence[str], iou_threshold: float = 0.5,
                score_threshold: float = DEFAULT_SCORE_THRESHOLD, use_07_metric: bool = False,
                size_ranges=DEFAULT_SIZE_RANGES):
-    self.class_names = list(class_names)
+    super().__init__(class_names)
     self.iou_threshold = iou_threshold
     self.score_threshold = score_threshold
     self.use_07_metric = use_07_metric
     self.size_ranges = tuple(size_ranges)
-    self.reset()
 
-  def reset(self) -> None:
-    self._predictions: List[Mapping[str, Any]] = []
-    self._ground_truths: List[Mapping[str, Any]] = []
-    self._result = None
-
-  def add(self, predictions: Sequence[Mapping[str, Any]],
-          ground_truths: Sequence[Mapping[str, Any]]) -> None:
-    if len(predictions) != len(ground_truths):
-      raise ValueError(f"add() got {len(predictions)} prediction dicts and {len(ground_truths)} "
-                       "ground-truth dicts; need one of each per image")
-    self._predictions.extend(predictions)
-    self._ground_truths.extend(ground_truths)
-    self._result = None
-
-  @property
-  def num_images(self) -> int:
-    return len(self._predictions)
-
-  def _evaluate(self):
-    if self._result is None:
-      self._result = evaluate(self._predictions, self._ground_truths, self.iou_threshold,
-                              self.score_threshold, self.size_ranges, self.use_07_metric)
-    return self._result
+  def _evaluate_all(self, predictions, ground_truths):
+    return evaluate(predictions, ground_truths, self.iou_threshold, self.score_threshold,
+                    self.size_ranges, self.use_07_metric)
 
   def compute(self) -> Dict[str, float]:
     """mAP, precision, recall, and each with a _<bucket> suffix (small, medium, large)."""

@@ -5,9 +5,11 @@ No loop over detections: per class, every detection's best ground truth comes fr
 "the first detection (in score order) whose best ground truth is g claims g".
 """
 
-from typing import Any, Dict, List, Mapping, Sequence
+from typing import Any, Dict, Mapping, Sequence
 
 import numpy as np
+
+from mdssd_jax.evaluation import base
 
 # The devkit's 11 recall thresholds, computed as voc_eval.py does (np.arange, so 0.3 is
 # 0.30000000000000004 and a recall of exactly 3/10 does not reach it, as in voc_eval.py).
@@ -249,40 +251,17 @@ def evaluate(predictions: Sequence[Mapping[str, Any]], ground_truths: Sequence[M
   return {"mAP": mean, "AP": ap, "num_positives": npos}
 
 
-class VocEvaluator:
+class VocEvaluator(base.AccumulatingEvaluator):
   """Accumulates per-image predictions and ground truths; computes VOC AP once at the end."""
 
   def __init__(self, class_names: Sequence[str], iou_threshold: float = 0.5,
                use_07_metric: bool = True):
-    self.class_names = list(class_names)
+    super().__init__(class_names)
     self.iou_threshold = iou_threshold
     self.use_07_metric = use_07_metric
-    self.reset()
 
-  def reset(self) -> None:
-    self._predictions: List[Mapping[str, Any]] = []
-    self._ground_truths: List[Mapping[str, Any]] = []
-    self._result = None
-
-  def add(self, predictions: Sequence[Mapping[str, Any]],
-          ground_truths: Sequence[Mapping[str, Any]]) -> None:
-    """One dict per image each (see `evaluate`), boxes in pixels xyxy."""
-    if len(predictions) != len(ground_truths):
-      raise ValueError(f"add() got {len(predictions)} prediction dicts and {len(ground_truths)} "
-                       "ground-truth dicts; need one of each per image")
-    self._predictions.extend(predictions)
-    self._ground_truths.extend(ground_truths)
-    self._result = None
-
-  @property
-  def num_images(self) -> int:
-    return len(self._predictions)
-
-  def _evaluate(self):
-    if self._result is None:
-      self._result = evaluate(self._predictions, self._ground_truths, self.iou_threshold,
-                              self.use_07_metric)
-    return self._result
+  def _evaluate_all(self, predictions, ground_truths):
+    return evaluate(predictions, ground_truths, self.iou_threshold, self.use_07_metric)
 
   def _name(self, label: int) -> str:
     return self.class_names[label - 1] if 1 <= label <= len(self.class_names) else f"class_{label}"
