@@ -3,12 +3,13 @@
 Three detectors, all from `configs/demo_synthetic.py` (same width, input size, optimiser, steps, seed),
 trained on the generated small-object data set and evaluated per object size:
 
-  ssd          SSD300: heads on conv4_3, conv7, conv8_2 .. conv11_2, SSD300's default boxes (30-315 px)
-  ssd_fine     SSD300 plus a head on the raw conv3_3 map (75x75) with MDSSD's default boxes: the same
-               boxes as MDSSD, no fusion (separates "finer default boxes" from "fusion")
-  mdssd        MDSSD300: Fusion Blocks 1-3 replace conv3_3/conv4_3/conv7 as heads
+  ssd          SSD: heads on conv4_3, conv7, conv8_2 .. conv11_2 (the demo's ladder without its finest
+               rung: default boxes from 20 px up)
+  ssd_fine     SSD plus a head on the raw conv3_3 map (48x48) with the finest rung (10-20 px): the
+               same default boxes as MDSSD, no fusion (separates "finer boxes" from "fusion")
+  mdssd        MDSSD: Fusion Blocks on conv3_3/conv4_3/conv7 (from conv8_2/conv9_2/conv10_2) as heads
 
-    python benchmarks/study_small_objects.py --workdir=/tmp/study            # about 3 x 12 min here
+    python benchmarks/study_small_objects.py --workdir=/tmp/study            # about 3 x 10 min here
     python benchmarks/study_small_objects.py --workdir=/tmp/study --steps=300 --variants=ssd,mdssd
 
 Prints a markdown table of VOC-style AP@0.5 (area) overall and per bucket of the object's longer
@@ -24,26 +25,30 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# (name, (lowest, highest) longer side in pixels of the 300 px image).
+# (name, (lowest, highest) longer side in pixels of the demo's 192 px image).
 SIZE_BUCKETS = (("tiny", (0.0, 16.0)), ("small", (16.0, 32.0)), ("medium", (32.0, 400.0)))
 
 
 def variant_config(name, steps, width):
-  from configs import common  # pylint: disable=g-import-not-at-top
+  """The demo config as MDSSD, as SSD, or as SSD with MDSSD's finest default boxes on raw conv3_3."""
   from configs import demo_synthetic  # pylint: disable=g-import-not-at-top
   config = demo_synthetic.get_config()
   config.train.num_steps = steps
   config.model.width_multiplier = width
   if name == "mdssd":
     return config
-  mdssd_anchors = config.anchors.to_dict()
-  common.ssd300(config)
-  if name == "ssd_fine":
-    config.model.head_sources = ("conv3_3",) + tuple(config.model.head_sources)
-    for key in ("feature_sizes", "steps", "min_sizes", "max_sizes", "aspect_ratios"):
-      config.anchors[key] = mdssd_anchors[key]
-  elif name != "ssd":
+  if name not in ("ssd", "ssd_fine"):
     raise ValueError(f"unknown variant {name!r}; known: ssd, ssd_fine, mdssd")
+  # SSD: the trunk's conv4_3 and conv7 take the places of Fusion Modules 2 and 3, with the same
+  # default boxes; the finest rung (Fusion Module 1's) goes, unless ssd_fine puts it on conv3_3.
+  num_fusions = len(config.model.fusions)
+  config.model.architecture = "ssd"
+  heads = ("conv4_3", "conv7") + tuple(config.model.head_sources[num_fusions:])
+  first = 0 if name == "ssd_fine" else 1
+  config.model.head_sources = (("conv3_3",) if name == "ssd_fine" else ()) + heads
+  config.model.fusions = ()
+  for key in ("feature_sizes", "steps", "min_sizes", "max_sizes", "aspect_ratios"):
+    config.anchors[key] = tuple(config.anchors[key])[first:]
   return config
 
 

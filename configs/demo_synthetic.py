@@ -50,14 +50,14 @@ def get_config():
   c.train.weight_decay = 1e-4
   c.train.global_batch_size = 8
   c.train.reference_batch_size = 8
-  c.train.num_steps = 2000
+  c.train.num_steps = 600
   c.train.warmup_steps = 100
   c.train.warmup_factor = 0.1
-  c.train.lr_decay_steps = (1500, 1800)
+  c.train.lr_decay_steps = (450, 550)
   c.train.log_every_steps = 50
-  c.train.checkpoint_every_steps = 500
+  c.train.checkpoint_every_steps = 200
   c.eval.metric = "voc"
   c.eval.use_07_metric = False
-  c.eval.every_steps = 500
+  c.eval.every_steps = 200
   c.eval.batch_size = 25
   return c

@@ -36,11 +36,8 @@ def learning_rate_schedule(train_cfg):
 
 
 def _decay_mask(params):
-  """Weight decay on kernels and L2Norm scales, not on biases or batch-norm parameters."""
-  def decays(path, leaf):
-    name = str(getattr(path[-1], "key", path[-1]))
-    return leaf.ndim > 1 or name == "l2norm_scale"
-  return jax.tree_util.tree_map_with_path(decays, params)
+  """Weight decay on conv kernels only: not on biases, batch-norm or L2Norm scales (all 1-D)."""
+  return jax.tree_util.tree_map(lambda leaf: leaf.ndim > 1, params)
 
 
 def make_optimizer(train_cfg):

@@ -440,6 +440,8 @@ def train_and_evaluate(config, workdir):
         check_finite(state)
         summary = {f"train/{k}": float(np.mean([m[k] for m in jax.device_get(pending)]))
                    for k in pending[0]}
+        # Records the pipeline skipped or repaired (corrupt images, clipped or degenerate boxes).
+        summary.update({f"data/{k}": float(v) for k, v in train_iter.stats.as_dict().items()})
         writer.write_scalars(step, summary)
         pending = []
 

@@ -278,12 +278,12 @@ class VocEvaluator(base.AccumulatingEvaluator):
     result = self._evaluate()
     metric = "VOC07 11-point" if self.use_07_metric else "VOC area"
     width = max([len(n) for n in self.class_names] + [8])
-    lines = [f"{'class':<{width}}  {'AP':>6}  {'#gt':>6}   ({metric} AP, IoU > {self.iou_threshold}, "
+    lines = [f"{'class':<{width}}  {'AP %':>6}  {'#gt':>6}   ({metric} AP, IoU > {self.iou_threshold}, "
              f"{self.num_images} images)"]
     for label, name in enumerate(self.class_names, start=1):
       if label in result["AP"]:
         lines.append(f"{name:<{width}}  {100 * result['AP'][label]:6.2f}  {result['num_positives'][label]:6d}")
       else:
         lines.append(f"{name:<{width}}  {'-':>6}  {0:6d}")
-    lines.append(f"{'mAP':<{width}}  {100 * result['mAP']:6.2f}")
+    lines.append(f"{'mAP %':<{width}}  {100 * result['mAP']:6.2f}")
     return "\n".join(lines)

@@ -55,8 +55,9 @@ def max_pool_2x2(x, ceil_mode: bool):
 class L2Norm(nn.Module):
   """Per-position L2 normalisation over channels with a learnable per-channel scale (ParseNet/SSD).
 
-  y[b, i, j, c] = scale[c] * x[b, i, j, c] / (||x[b, i, j, :]||_2 + eps). The norm is computed in
-  float32 whatever the compute dtype, since a bf16 sum of squares over 512+ channels loses digits.
+  y[b, i, j, c] = scale[c] * x[b, i, j, c] / sqrt(||x[b, i, j, :]||^2 + eps^2). The norm is computed
+  in float32 whatever the compute dtype, since a bf16 sum of squares over 512+ channels loses digits;
+  eps goes inside the square root so that an all-zero vector (a dead ReLU map) has a finite gradient.
   """
   scale_init: float
   eps: float = 1e-10
@@ -67,8 +68,8 @@ class L2Norm(nn.Module):
     scale = self.param("scale", nn.initializers.constant(self.scale_init), (x.shape[-1],),
                        jnp.float32)
     x32 = x.astype(jnp.float32)
-    norm = jnp.sqrt(jnp.sum(jnp.square(x32), axis=-1, keepdims=True)) + self.eps
-    return (x32 / norm * scale).astype(self.dtype)
+    inv_norm = jax.lax.rsqrt(jnp.sum(jnp.square(x32), axis=-1, keepdims=True) + self.eps ** 2)
+    return (x32 * inv_norm * scale).astype(self.dtype)
 
 
 class ConvReLU(nn.Module):
