@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -223,3 +224,25 @@ def test_two_processes_train_together(data_dir, tmp_path):
   results = [json.loads(l) for l in open(os.path.join(workdir, "eval_results.jsonl"))]
   assert len(results) == 1 and results[0]["step"] == 3   # written once, by process 0
   assert sorted(train_losses(workdir)) == [1, 2, 3]
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(data_dir, tmp_path):
+  """A preemption notice (SIGTERM) makes the run save at the current step and exit cleanly."""
+  workdir = str(tmp_path / "preempted")
+  log_path = tmp_path / "log.txt"
+  cmd = [sys.executable, os.path.join(ROOT, "main.py"), "--config=configs/tiny_mdssd.py",
+         f"--workdir={workdir}", "--config.train.num_steps=100000",
+         "--config.train.checkpoint_every_steps=100000", f"--config.data.data_dir={data_dir}"]
+  with open(log_path, "w") as log:
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 600
+    while "train/loss=" not in log_path.read_text():   # training has started
+      assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+      time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=600)
+  text = log_path.read_text()
+  assert code == 0, text[-3000:]
+  stopped = int(re.search(r"stopped at step (\d+) for preemption", text).group(1))
+  steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+  assert steps == [stopped] and 1 <= stopped < 100000

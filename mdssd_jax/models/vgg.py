@@ -39,9 +39,10 @@ def trunk_layer_names() -> Tuple[str, ...]:
 def max_pool_2x2(x, ceil_mode: bool):
   """2x2 stride-2 max pool on (B, H, W, C); ceil_mode pads bottom/right so odd sizes round up.
 
-  Written as a reshape + max rather than a reduce_window: same forward values, and XLA:CPU runs
-  its gradient about 3x faster than reduce_window's select-and-scatter (ties, which only occur
-  between post-ReLU zeros or equal values, share the gradient instead of giving it to the first).
+  The window's winner is chosen with argmax and picked out with a one-hot product, so the gradient
+  is a plain elementwise product: XLA:CPU runs it 2x faster than reduce_window's select-and-scatter.
+  (A reshape + max is faster still, but its gradient divides by the count of elements equal to the
+  max, which is 0/0 = NaN whenever the compiler recomputes the map with different rounding.)
   """
   b, h, w, c = x.shape
   if ceil_mode:   # pad with the lowest value, so the padded row/column never wins
@@ -49,7 +50,10 @@ def max_pool_2x2(x, ceil_mode: bool):
   else:
     x = x[:, :h - h % 2, :w - w % 2, :]
   b, h, w, c = x.shape
-  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+  windows = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 5, 2, 4).reshape(
+      b, h // 2, w // 2, c, 4)
+  winner = jax.lax.stop_gradient(jax.nn.one_hot(jnp.argmax(windows, axis=-1), 4, dtype=x.dtype))
+  return jnp.sum(windows * winner, axis=-1)
 
 
 class L2Norm(nn.Module):
