@@ -86,6 +86,9 @@ def run_variant(name, args):
   minutes = (time.time() - start) / 60
   setup, state, step = train.load_checkpoint(config, workdir)
   metrics = size_metrics(setup, state)
+  with open(os.path.join(workdir, train.EVAL_RESULTS_FILE)) as f:
+    curve = {int(r["step"]): r["mAP"] for r in map(json.loads, f)}   # the last evaluation per step
+  metrics.update(curve=curve)
   metrics.update(variant=name, step=int(step), minutes=minutes, default_boxes=len(setup.anchors),
                  params=sum(x.size for x in __import__("jax").tree_util.tree_leaves(state["params"])))
   return metrics
@@ -116,6 +119,13 @@ def main():
   for r in rows:
     print(f"| {r['variant']} | {r['default_boxes']} | {r['params'] / 1e6:.2f}M | {r['step']} | "
           f"{r['minutes']:.1f} | {r['AP']:.3f} | " + " | ".join(f"{r['AP_' + b]:.3f}" for b in buckets)
+          + " |")
+  steps = sorted(set().union(*(r["curve"] for r in rows)))
+  print("\nVOC mAP@0.5 (area) at each evaluation during training (the learning curves):")
+  print("| detector | " + " | ".join(f"step {s}" for s in steps) + " |")
+  print("|---|" + "---|" * len(steps))
+  for r in rows:
+    print(f"| {r['variant']} | " + " | ".join(f"{r['curve'].get(s, float('nan')):.3f}" for s in steps)
           + " |")
   _plot(rows, buckets, os.path.join(args.workdir, "study.png"))
 
