@@ -188,6 +188,10 @@ class Setup:
     self.mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
     self.batch_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
     self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    if config.eval.batch_size % jax.local_device_count():
+      raise ValueError(f"config.eval.batch_size={config.eval.batch_size} is not divisible by the "
+                       f"{jax.local_device_count()} local devices; choose a multiple of "
+                       f"{jax.local_device_count()}")
     self.dataset = registry.get_dataset(config.data)
     if self.dataset.num_classes != config.model.num_classes:
       raise ValueError(
@@ -466,7 +470,6 @@ def _say_where(workdir, manager, step):
            f"  checkpoints:  {manager.directory} (latest: step {step})",
            f"  metrics:      {os.path.join(workdir, EVAL_RESULTS_FILE)} and TensorBoard logs in {workdir}",
            f"  pictures:     {os.path.join(workdir, 'pictures')}"]
-  logging.info("\n".join(lines))
   print("\n".join(lines), flush=True)
 
 
