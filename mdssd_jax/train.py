@@ -268,7 +268,7 @@ def run_evaluation(setup, state, step, workdir=None, writer=None):
   num_pictures = config.eval.num_pictures if (workdir and jax.process_index() == 0) else 0
   pictures = []
 
-  def predict_fn(batch):
+  def mesh_predict_fn(batch):
     images = setup.global_batch({"image": batch["image"]})["image"]
     detections = predict(variables, images)
     return multihost_utils.global_array_to_host_local_array(
@@ -278,6 +278,8 @@ def run_evaluation(setup, state, step, workdir=None, writer=None):
   if tiled:   # large images (TT100K): tiles of the input size at the image's own resolution
     predict_fn = tiled_batch_predictor(
         local_image_predictor(setup.model, setup.anchors, config, setup.convention, variables), config)
+  else:
+    predict_fn = mesh_predict_fn
 
   def keep_pictures(batch, arrays):
     for i in np.flatnonzero(arrays["batch_mask"])[:num_pictures - len(pictures)]:

@@ -246,3 +246,31 @@ def test_sigterm_saves_a_checkpoint_and_stops(data_dir, tmp_path):
   stopped = int(re.search(r"stopped at step (\d+) for preemption", text).group(1))
   steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
   assert steps == [stopped] and 1 <= stopped < 100000
+
+
+def test_tiled_prediction_equals_whole_image_when_one_tile_covers_the_image(data_dir):
+  """The tiled eval path (TT100K configs) on images of exactly the input size: one tile, no seams,
+  so it must find the boxes and scores of the whole-image path (its NMS across tiles is then a no-op)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from mdssd_jax import train  # pylint: disable=g-import-not-at-top
+  from mdssd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  config = tiny_config(**{"data.data_dir": data_dir, "eval.tiled.enabled": True})
+  setup = train.Setup(config)
+  state = setup.initial_state()
+  variables = train.model_variables(state)
+  batch = next(iter(pipeline.make_eval_batches(config, with_original_images=True)))
+  assert batch["original_image"][0].shape == batch["image"][0].shape   # 96 px images, 96 px input
+  whole = jax.device_get(jax.jit(train.make_predict_fn(
+      setup.model, setup.anchors, config, setup.convention))(variables, batch["image"]))
+  tiled = train.tiled_batch_predictor(train.local_image_predictor(
+      setup.model, setup.anchors, config, setup.convention, variables), config)(batch)
+  for i in range(len(batch["image"])):
+    # The ten best whole-image boxes that lie inside the image (tiling clips boxes to the image).
+    inside = np.all((whole["boxes"][i] >= 0) & (whole["boxes"][i] <= 1), axis=-1)
+    w = np.flatnonzero(whole["valid"][i] & inside)[:10]
+    t = np.flatnonzero(tiled["valid"][i])
+    for j in w:
+      same = (tiled["classes"][i, t] == whole["classes"][i, j]) & np.all(
+          np.abs(tiled["boxes"][i, t] - whole["boxes"][i, j]) < 1e-4, axis=-1)
+      assert same.any(), (i, j)
+      np.testing.assert_allclose(tiled["scores"][i, t][same][0], whole["scores"][i, j], rtol=1e-4)
