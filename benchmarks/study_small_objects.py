@@ -25,6 +25,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import jax  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+
 # (name, (lowest, highest) longer side in pixels of the demo's 192 px image).
 SIZE_BUCKETS = (("tiny", (0.0, 16.0)), ("small", (16.0, 32.0)), ("medium", (32.0, 400.0)))
 
@@ -54,7 +57,6 @@ def variant_config(name, steps, width):
 
 def size_metrics(setup, state):
   """AP overall and per SIZE_BUCKETS on the eval split, through the TT100K-style bucketed evaluator."""
-  import jax  # pylint: disable=g-import-not-at-top
   from mdssd_jax import train  # pylint: disable=g-import-not-at-top
   from mdssd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from mdssd_jax.evaluation import loop, tt100k  # pylint: disable=g-import-not-at-top
@@ -65,7 +67,7 @@ def size_metrics(setup, state):
   for batch in pipeline.make_eval_batches(config):
     detections = jax.device_get(predict(variables, setup.global_batch({"image": batch["image"]})["image"]))
     parts.append(loop.batch_to_arrays(detections, batch))
-  arrays = {k: __import__("numpy").concatenate([p[k] for p in parts]) for k in parts[0]}
+  arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
   predictions, ground_truths = loop.arrays_to_images(arrays)
   result = tt100k.evaluate(predictions, ground_truths, iou_threshold=config.eval.iou_threshold,
                            size_ranges=SIZE_BUCKETS, use_07_metric=False)
@@ -90,7 +92,7 @@ def run_variant(name, args):
     curve = {int(r["step"]): r["mAP"] for r in map(json.loads, f)}   # the last evaluation per step
   metrics.update(curve=curve)
   metrics.update(variant=name, step=int(step), minutes=minutes, default_boxes=len(setup.anchors),
-                 params=sum(x.size for x in __import__("jax").tree_util.tree_leaves(state["params"])))
+                 params=sum(x.size for x in jax.tree_util.tree_leaves(state["params"])))
   return metrics
 
 
@@ -134,7 +136,6 @@ def _plot(rows, buckets, path):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   keys = ["AP"] + [f"AP_{b}" for b in buckets]
   x = np.arange(len(keys))
   width = 0.8 / len(rows)
