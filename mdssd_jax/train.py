@@ -341,6 +341,10 @@ class _Preemption:
     self._previous = None
 
   def __enter__(self):
+    if jax.process_count() > 1:
+      # Several processes must stop at the same step: JAX's coordination service notices the
+      # signal and CheckpointManager.reached_preemption agrees on the step; a local flag could not.
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread (e.g. inside a notebook worker): no handler
@@ -455,7 +459,8 @@ def train_and_evaluate(config, workdir):
       eval_now = is_last or (config.eval.every_steps and step % config.eval.every_steps == 0)
       if eval_now:
         eval_metrics = run_evaluation(setup, state, step, workdir, writer)
-      preempted = preemption.requested or (jax.process_count() > 1 and manager.reached_preemption(step))
+      preempted = (manager.reached_preemption(step) if jax.process_count() > 1
+                   else preemption.requested)
       if eval_now or preempted or step % train_cfg.checkpoint_every_steps == 0:
         save(state, eval_metrics if eval_now else None)
       if preempted:
