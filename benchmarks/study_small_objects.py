@@ -61,7 +61,7 @@ def size_metrics(setup, state):
   from mdssd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from mdssd_jax.evaluation import loop, tt100k  # pylint: disable=g-import-not-at-top
   config = setup.config
-  predict = jax.jit(train.make_predict_fn(setup.model, setup.anchors, config, setup.convention))
+  predict = setup.jitted_predict()
   variables = train.model_variables(state)
   parts = []
   for batch in pipeline.make_eval_batches(config):

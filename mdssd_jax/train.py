@@ -228,9 +228,18 @@ class Setup:
     return jax.tree_util.tree_map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.replicated), shapes)
 
+  def jitted_predict(self):
+    """The jitted forward + detect, built once per pixel convention (each eval reuses it)."""
+    key = json.dumps(self.convention, sort_keys=True)
+    if getattr(self, "_predict_key", None) != key:
+      self._predict = jax.jit(make_predict_fn(self.model, self.anchors, self.config, self.convention))
+      self._predict_key = key
+    return self._predict
+
   def meta(self, state):
+    # The fingerprint needs parameter shapes only: no copy of the parameters to the host.
     return dict(fingerprint=checkpointing.model_fingerprint(self.config, len(self.anchors),
-                                                            jax.device_get(state["params"])),
+                                                            state["params"]),
                 pixel_convention=self.convention,
                 class_names=list(self.dataset.class_names),
                 data_set=self.config.data.name)
@@ -261,7 +270,6 @@ def run_evaluation(setup, state, step, workdir=None, writer=None):
   from mdssd_jax import evaluation  # pylint: disable=g-import-not-at-top
   from mdssd_jax.evaluation import loop as eval_loop  # pylint: disable=g-import-not-at-top
   config = setup.config
-  predict = jax.jit(make_predict_fn(setup.model, setup.anchors, config, setup.convention))
   variables = model_variables(state)
   evaluator = evaluation.make_evaluator(config.eval, setup.dataset.class_names,
                                         **_evaluator_kwargs(setup.dataset))
@@ -270,7 +278,7 @@ def run_evaluation(setup, state, step, workdir=None, writer=None):
 
   def mesh_predict_fn(batch):
     images = setup.global_batch({"image": batch["image"]})["image"]
-    detections = predict(variables, images)
+    detections = setup.jitted_predict()(variables, images)
     return multihost_utils.global_array_to_host_local_array(
         detections, setup.mesh, jax.sharding.PartitionSpec("data"))
 
