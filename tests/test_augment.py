@@ -310,19 +310,54 @@ def hsv_of(pixels):
   return np.array([colorsys.rgb_to_hsv(*(p / 255.0)) for p in pixels.reshape(-1, 3).astype(np.float64)])
 
 
-def test_hue_rotates_within_its_bound_and_keeps_saturation_and_value():
+def test_hue_wrap_rotates_within_its_bound_and_keeps_saturation_and_value():
   # hues 0, ~127, ~229, ~53 and ~348 degrees: the rotation must wrap around 0/360 both ways
   pixels = np.array([[[200, 60, 60], [60, 180, 80], [70, 90, 210], [220, 200, 50], [200, 50, 80]]], np.uint8)
   before = hsv_of(pixels)
   shifts = []
   for seed in range(40):
-    after = hsv_of(distort(pixels, seed, hue_delta_deg=18.0))
+    after = hsv_of(distort(pixels, seed, hue_delta_deg=36.0, hue_overflow="wrap"))
     shift = ((after[:, 0] - before[:, 0] + 0.5) % 1.0 - 0.5) * 360.0
-    assert np.all(np.abs(shift) <= 18.0 + 2.0), shift
+    assert np.all(np.abs(shift) <= 36.0 + 2.0), shift
     assert np.ptp(shift) <= 3.0, "every pixel must turn by the same angle"
     np.testing.assert_allclose(after[:, 1:], before[:, 1:], atol=0.03)
     shifts.append(shift.mean())
-  assert min(shifts) < -10 and max(shifts) > 10
+  assert min(shifts) < -25 and max(shifts) > 25
+
+
+def caffe_adjust_hue(pixels_rgb, delta_opencv_units):
+  """Caffe's AdjustHue (im_transforms.cpp) with OpenCV: 8-bit HSV (H in 0..179, 2-degree units), the
+  delta added to the H plane by a saturating uint8 convertTo (rounds, stops at 0 and 255), back to
+  RGB (OpenCV reads H modulo 180)."""
+  import cv2
+  hsv = cv2.cvtColor(pixels_rgb, cv2.COLOR_RGB2HSV)
+  hue = np.clip(np.rint(hsv[..., 0].astype(np.float64) + delta_opencv_units), 0, 255).astype(np.uint8)
+  hsv[..., 0] = hue
+  return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+
+
+def test_hue_follows_caffe_adjust_hue_with_its_clamp():
+  """Default reading: Caffe's hue_delta 18 = +-36 degrees; hues pushed below 0 stop at 0 (red)."""
+  # first pixel: hue 180 degrees (never crosses 0/360), used to read the drawn shift back
+  pixels = np.array([[[60, 200, 200], [200, 93, 60], [200, 60, 72], [200, 60, 130], [120, 200, 60],
+                      [60, 60, 200]]], np.uint8)
+  before = hsv_of(pixels)[:, 0] * 360.0
+  shifts, clamped = [], 0
+  for seed in range(60):
+    out = distort(pixels, seed, hue_delta_deg=36.0)                       # hue_overflow "caffe"
+    shift = ((hsv_of(out)[0, 0] * 360.0 - before[0] + 180.0) % 360.0) - 180.0
+    assert abs(shift) <= 36.0 + 1.0
+    shifts.append(shift)
+    reference = caffe_adjust_hue(pixels, shift / 2.0)
+    # Caffe quantises H to 2 degrees and S, V to 1/255: a few levels apart at most.
+    np.testing.assert_allclose(out.astype(int), reference.astype(int), atol=6, err_msg=f"seed {seed}")
+    wrapped = distort(pixels, seed, hue_delta_deg=36.0, hue_overflow="wrap")
+    crosses_zero = before[1:] + shift < -12.0
+    if crosses_zero.any():                     # the two readings differ exactly there
+      clamped += 1
+      gap = np.abs(wrapped.astype(int) - reference.astype(int)).max(axis=-1)[0, 1:]
+      assert np.all(gap[crosses_zero] > 20), (seed, gap)
+  assert min(shifts) < -28 and max(shifts) > 28 and clamped >= 5
 
 
 def test_saturation_scales_within_its_range_and_keeps_hue():
@@ -445,3 +480,158 @@ def test_bad_inputs_raise_clear_errors():
     augment.train_transform(image, np.zeros((0, 4)), [], rng, aug_cfg(crop_min_ious=(1.5,)), SIZE)
   with pytest.raises(ValueError, match="interpolation"):
     augment.eval_transform(image, SIZE, interpolation="bilinear")
+
+
+# ---- Caffe's batch_sampler ----------------------------------------------------------------------
+
+def caffe_batch_sampler(boxes, rng, max_trials=50):
+  """An independent simulation of Caffe SSD's GenerateBatchSamples + the uniform pick of
+  annotated_data_layer.cpp, with ssd_pascal.py's seven samplers. boxes: (N, 4) normalised.
+  Returns the chosen normalised crop (x1, y1, x2, y2). Each sampler's trials are drawn together;
+  the first that satisfies the constraint is its sample (Caffe stops there: max_sample 1)."""
+  samples = [(0.0, 0.0, 1.0, 1.0)]                    # sampler 0: the whole image, one trial
+  for kind, bound in (("min", 0.1), ("min", 0.3), ("min", 0.5), ("min", 0.7), ("min", 0.9), ("max", 1.0)):
+    scale = rng.uniform(0.3, 1.0, max_trials)
+    aspect = np.minimum(np.maximum(rng.uniform(0.5, 2.0, max_trials), scale ** 2), 1.0 / scale ** 2)
+    w, h = scale * np.sqrt(aspect), scale / np.sqrt(aspect)
+    x = rng.uniform(0.0, 1.0, max_trials) * np.maximum(0.0, 1.0 - w)
+    y = rng.uniform(0.0, 1.0, max_trials) * np.maximum(0.0, 1.0 - h)
+    # (trials, boxes) IoU; SatisfySampleConstraint: any box will do (no boxes: never satisfied)
+    inter = (np.clip(np.minimum(boxes[None, :, 2], (x + w)[:, None]) - np.maximum(boxes[None, :, 0], x[:, None]), 0, None) *
+             np.clip(np.minimum(boxes[None, :, 3], (y + h)[:, None]) - np.maximum(boxes[None, :, 1], y[:, None]), 0, None))
+    box_area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    overlaps = inter / (box_area[None, :] + (w * h)[:, None] - inter)
+    satisfied = np.any(overlaps >= bound if kind == "min" else overlaps <= bound, axis=1)
+    if satisfied.any():
+      t = int(np.argmax(satisfied))
+      samples.append((x[t], y[t], x[t] + w[t], y[t] + h[t]))
+  return samples[int(rng.integers(len(samples)))]
+
+
+def sampler_scenes():
+  small = np.array([[0.05 + 0.09 * k, 0.1 + 0.07 * (k % 3), 0.09 + 0.09 * k, 0.14 + 0.07 * (k % 3)]
+                    for k in range(10)])              # ten boxes of 4% of the side
+  return {"large": np.array([[0.1, 0.15, 0.85, 0.9]]), "0.3x0.3": np.array([[0.4, 0.2, 0.7, 0.5]]),
+          "ten_small": small}
+
+
+@pytest.mark.parametrize("scene", ["large", "0.3x0.3", "ten_small"])
+def test_caffe_sampler_matches_a_simulation_of_caffe(scene):
+  boxes = sampler_scenes()[scene]
+  side = 1000                                          # pixels: truncation to whole pixels is negligible
+  sim_rng = np.random.default_rng(100)
+  sim = np.array([caffe_batch_sampler(boxes, sim_rng) for _ in range(1500)])
+  sim_whole = np.mean(np.all(sim == [0, 0, 1, 1], axis=1))
+  sim_area = np.mean((sim[:, 2] - sim[:, 0]) * (sim[:, 3] - sim[:, 1]))
+  ours = []
+  for seed in range(4000):
+    rect, bound = augment.sample_crop_caffe_px(side, side, boxes, np.random.default_rng(seed),
+                                               min_ious=(None, 0.1, 0.3, 0.5, 0.7, 0.9, -1.0),
+                                               scale_range=(0.3, 1.0), aspect_range=(0.5, 2.0),
+                                               max_trials=50)
+    normalised = rect / side
+    if bound is not None and bound >= 0:             # an accepted crop meets its bound with some box
+      assert max(iou_loop(b, normalised) for b in boxes) >= bound - 0.01
+    ours.append(normalised)
+  ours = np.array(ours)
+  our_whole = np.mean(np.all(ours == [0, 0, 1, 1], axis=1))
+  our_area = np.mean((ours[:, 2] - ours[:, 0]) * (ours[:, 3] - ours[:, 1]))
+  # 4 standard errors of the difference of the two estimates
+  se_whole = np.sqrt(sim_whole * (1 - sim_whole) / len(sim) + our_whole * (1 - our_whole) / len(ours))
+  sim_areas = (sim[:, 2] - sim[:, 0]) * (sim[:, 3] - sim[:, 1])
+  our_areas = (ours[:, 2] - ours[:, 0]) * (ours[:, 3] - ours[:, 1])
+  se_area = np.sqrt(sim_areas.var() / len(sim) + our_areas.var() / len(ours))
+  assert abs(our_whole - sim_whole) <= 4 * se_whole + 1e-3, (scene, our_whole, sim_whole)
+  assert abs(our_area - sim_area) <= 4 * se_area + 2e-3, (scene, our_area, sim_area)
+  if scene == "ten_small":
+    # No crop of >= 30% per side reaches IoU 0.1 with a 4% box: whole image or the any-crop sample.
+    assert abs(sim_whole - 0.5) < 0.06
+    single = [tuple(augment.sample_crop_px(side, side, boxes, np.random.default_rng(s),
+                                           min_ious=(None, 0.1, 0.3, 0.5, 0.7, 0.9, -1.0),
+                                           scale_range=(0.3, 1.0), aspect_range=(0.5, 2.0),
+                                           max_trials=50)[0]) for s in range(1000)]
+    assert np.mean([r == (0, 0, side, side) for r in single]) > 0.8   # the old sampler's ~6/7
+
+
+def test_caffe_sampler_without_boxes_keeps_the_whole_image():
+  for seed in range(20):
+    rect, bound = augment.sample_crop_caffe_px(60, 80, np.zeros((0, 4)), np.random.default_rng(seed),
+                                               min_ious=(None, 0.1, -1.0), scale_range=(0.3, 1.0),
+                                               aspect_range=(0.5, 2.0), max_trials=50)
+    assert tuple(rect) == (0, 0, 80, 60) and bound is None
+
+
+def test_caffe_sampler_keeps_a_crop_without_any_box_centre():
+  """Caffe does not reject the chosen crop when no box centre is inside: the example loses its boxes."""
+  boxes = np.array([[0.0, 0.0, 0.5, 0.5]])            # centre (0.25, 0.25)
+  emptied = 0
+  for seed in range(200):
+    rect, _ = augment.sample_crop_caffe_px(100, 100, boxes, np.random.default_rng(seed),
+                                           min_ious=(0.1,), scale_range=(0.3, 1.0),
+                                           aspect_range=(0.5, 2.0), max_trials=50)
+    x1, y1, x2, y2 = rect
+    emptied += not (x1 <= 25 <= x2 and y1 <= 25 <= y2)
+  assert emptied >= 5
+
+
+# ---- flip rules ---------------------------------------------------------------------------------
+
+CLASSES = ("left_turn", "right_turn", "speed_50", "circle")
+
+
+def test_flip_swaps_mirror_twins_and_never_flips_text_signs():
+  cfg = augment.resolve_flip_labels(
+      geometric_cfg(expand_prob=0.0, crop_min_ious=(None,), flip_prob=1.0,
+                    flip_swap_labels=(("left_turn", "right_turn"),), flip_never_labels=("speed_50",)),
+      CLASSES)
+  assert cfg["flip_swap_label_ids"] == ((1, 2),) and cfg["flip_never_label_ids"] == (3,)
+  image = np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+  boxes = np.array([[0.1, 0.1, 0.3, 0.3], [0.5, 0.5, 0.9, 0.7], [0.6, 0.1, 0.8, 0.2]])
+  out, out_boxes, out_labels, info = augment.train_transform(
+      image, boxes, [1, 2, 4], np.random.default_rng(0), cfg, SIZE, return_info=True)
+  assert info["flipped"] and not info["flip_blocked"]
+  np.testing.assert_array_equal(out, image[:, ::-1])
+  np.testing.assert_array_equal(out_labels, [2, 1, 4])             # twins swapped, the circle kept
+  np.testing.assert_allclose(out_boxes[:, [0, 2]], 1 - boxes[:, [2, 0]], atol=1e-6)
+  out, out_boxes, out_labels, info = augment.train_transform(
+      image, boxes, [1, 3, 4], np.random.default_rng(0), cfg, SIZE, return_info=True)
+  assert not info["flipped"] and info["flip_blocked"]
+  np.testing.assert_array_equal(out, image)
+  np.testing.assert_array_equal(out_labels, [1, 3, 4])
+  np.testing.assert_allclose(out_boxes, boxes, atol=1e-6)
+
+
+def test_flip_rules_with_even_odds():
+  cfg = augment.resolve_flip_labels(geometric_cfg(flip_prob=0.5, flip_never_labels=("speed_50",)), CLASSES)
+  image, boxes, _ = painted_example(np.random.default_rng(1), num_boxes=2)
+  with_text = [augment.train_transform(image, boxes, [3, 4], np.random.default_rng(s), cfg, SIZE,
+                                       return_info=True)[3] for s in range(40)]
+  without = [augment.train_transform(image, boxes, [1, 4], np.random.default_rng(s), cfg, SIZE,
+                                     return_info=True)[3] for s in range(40)]
+  # An example keeps the text sign unless the crop dropped it; flips only happen once it is gone.
+  assert sum(i["flip_blocked"] for i in with_text) >= 8
+  assert all(not i["flip_blocked"] for i in without) and 8 <= sum(i["flipped"] for i in without) <= 32
+
+
+def test_flip_rules_errors():
+  with pytest.raises(ValueError, match="flip_never_labels names 'speed_5'"):
+    augment.resolve_flip_labels(aug_cfg(flip_never_labels=("speed_5",)), CLASSES)
+  with pytest.raises(ValueError, match="flip_swap_labels"):
+    augment.resolve_flip_labels(aug_cfg(flip_swap_labels=(("circle", "circle"),)), CLASSES)
+  with pytest.raises(ValueError, match="share classes"):
+    augment.resolve_flip_labels(aug_cfg(flip_swap_labels=(("left_turn", "right_turn"),),
+                                        flip_never_labels=("left_turn",)), CLASSES)
+  with pytest.raises(ValueError, match="resolve_flip_labels"):
+    augment.train_transform(np.zeros((10, 10, 3), np.uint8), np.zeros((0, 4)), [], np.random.default_rng(0),
+                            aug_cfg(flip_never_labels=("speed_50",)), SIZE)
+
+
+def test_tt100k_config_flip_rules_resolve():
+  from configs import mdssd512_tt100k
+  from mdssd_jax.data import tt100k
+  cfg = augment.resolve_flip_labels(mdssd512_tt100k.get_config().augment.to_dict(),
+                                    tt100k.TT100K_45_CLASSES)
+  names = [tt100k.TT100K_45_CLASSES[k - 1] for k in cfg["flip_never_label_ids"]]
+  assert all(n.startswith("pl") for n in names if n.startswith("pl")) and "pl50" in names
+  assert cfg["flip_swap_label_ids"] == ((tt100k.TT100K_45_CLASSES.index("p19") + 1,
+                                         tt100k.TT100K_45_CLASSES.index("p23") + 1),)

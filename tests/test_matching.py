@@ -1,4 +1,8 @@
-"""Target assignment against a per-image, per-box loop that follows REFERENCE.md section 2 literally."""
+"""Target assignment against per-image, per-box loops written here from the rules in docs/matching.md.
+
+The "bipartite" reference is a literal transcription of Caffe SSD's MatchBBox loop (bbox_util.cpp:
+BIPARTITE, then PER_PREDICTION); the "forced" reference is ssd.pytorch's rule.
+"""
 
 import math
 
@@ -14,44 +18,54 @@ TINY = dict(image_size=64, feature_sizes=(8, 4, 2, 1), steps=(8, 16, 32, 64),
             min_sizes=(8, 20, 36, 52), max_sizes=(20, 36, 52, 68),
             aspect_ratios=((2,), (2, 3), (2,), (2,)))
 ANCHORS = anchor_lib.default_boxes(**TINY)
-# Jitted, thresholds traced, inputs padded to one shape: a single compilation serves every test.
-MATCH = jax.jit(matching.match)
+# Jitted, thresholds traced, inputs padded to one shape: one compilation per rule serves every test.
+MATCH = jax.jit(matching.match, static_argnames=("rule",))
 BATCH, SLOTS = 4, 6
 
 
-def _match(gt, labels, **kwargs):
+def _match(gt, labels, rule="forced", **kwargs):
   """MATCH on inputs padded to (BATCH, SLOTS) with label-0 slots (garbage boxes), then cropped."""
   batch, num_gt = labels.shape
   padded_gt = np.full((BATCH, SLOTS, 4), 0.25, np.float32)
   padded_labels = np.zeros((BATCH, SLOTS), np.int32)
   padded_gt[:batch, :num_gt], padded_labels[:batch, :num_gt] = gt, labels
   kwargs = dict(dict(iou_threshold=0.5, min_size=0.0), **kwargs)   # same call signature each time
-  loc, cls = MATCH(padded_gt, padded_labels, ANCHORS, **kwargs)
+  loc, cls = MATCH(padded_gt, padded_labels, ANCHORS, rule=rule, **kwargs)
   return np.asarray(loc)[:batch], np.asarray(cls)[:batch]
 
 
-def _pair_iou(a, b):
-  iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-  ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+def _prior_iou(box, prior_cxcywh):
+  """Caffe's JaccardOverlap of a corner-form box and a centre-form default box, in float32 as Caffe
+  computes it (bbox_util.cpp): corners, intersection, sizes, size1 + size2 - intersection."""
+  f = np.float32
+  cx, cy, w, h = (f(v) for v in prior_cxcywh)
+  px1, py1, px2, py2 = cx - w / f(2), cy - h / f(2), cx + w / f(2), cy + h / f(2)
+  gx1, gy1, gx2, gy2 = (f(v) for v in box)
+  if gx1 > px2 or gx2 < px1 or gy1 > py2 or gy2 < py1:
+    return 0.0
+  iw, ih = min(px2, gx2) - max(px1, gx1), min(py2, gy2) - max(py1, gy1)
+  if not (iw > 0 and ih > 0):
+    return 0.0
   inter = iw * ih
-  union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-  return inter / union if union > 0 else 0.0
+  gt_size = max(gx2 - gx1, f(0)) * max(gy2 - gy1, f(0))
+  prior_size = max(px2 - px1, f(0)) * max(py2 - py1, f(0))
+  return float(inter / (gt_size + prior_size - inter))
 
 
 def _reference_match(gt_boxes, gt_labels, anchors, iou_threshold=0.5, variances=(0.1, 0.2)):
-  """Per image, per box loops: best gt per default box, forced best default box per gt."""
+  """ssd.pytorch's rule, per image, per box loops: best gt per default box, forced best box per gt."""
   batch, num_gt = gt_labels.shape
   num_anchors = len(anchors)
   loc = np.zeros((batch, num_anchors, 4))
   cls = np.zeros((batch, num_anchors), np.int64)
-  corners = [(cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2) for cx, cy, w, h in anchors.tolist()]
+  priors = anchors.tolist()
   for b in range(batch):
     g = gt_boxes[b].astype(np.float64).tolist()
     valid = [j for j in range(num_gt)
              if gt_labels[b, j] > 0 and g[j][2] - g[j][0] > 0 and g[j][3] - g[j][1] > 0]
     if not valid:
       continue
-    ious = {j: [_pair_iou(g[j], corners[a]) for a in range(num_anchors)] for j in valid}
+    ious = {j: [_prior_iou(g[j], priors[a]) for a in range(num_anchors)] for j in valid}
     best_gt, best_iou = [None] * num_anchors, [-1.0] * num_anchors
     for a in range(num_anchors):
       for j in valid:                            # ascending j, strict >: ties keep the lowest j
@@ -85,7 +99,7 @@ def _random_batch(rng, batch=4, num_gt=6):
 
 
 def _check(gt, labels, **kwargs):
-  loc, cls = _match(gt, labels, **kwargs)
+  loc, cls = _match(gt, labels, rule="forced", **kwargs)
   ref_loc, ref_cls = _reference_match(gt, labels, ANCHORS, **kwargs)
   assert loc.dtype == np.float32 and cls.dtype == np.int32
   assert np.all(np.isfinite(loc))
@@ -126,8 +140,7 @@ def test_shared_best_default_box_goes_to_higher_index():
   gt = np.array([[box, box, [0, 0, 0, 0]]], np.float32)
   labels = np.array([[1, 2, 0]])
   _, cls = _check(gt, labels)
-  corners = np.concatenate([ANCHORS[:, :2] - ANCHORS[:, 2:] / 2, ANCHORS[:, :2] + ANCHORS[:, 2:] / 2], 1)
-  best = int(np.argmax([_pair_iou(box, c) for c in corners.tolist()]))
+  best = int(np.argmax([_prior_iou(box, p) for p in ANCHORS.tolist()]))
   assert cls[0, best] == 2                       # forced: the later ground truth wins
   others = np.delete(cls[0], best)
   assert set(np.unique(others)) <= {0, 1}        # ties elsewhere: the lower index wins
@@ -142,7 +155,8 @@ def test_padding_cannot_undo_a_forced_match_on_the_first_default_box():
   assert cls[0, 0] == 7 and (cls == 7).sum() == 1
 
 
-def test_degenerate_and_padded_boxes_never_match():
+@pytest.mark.parametrize("rule", matching.MATCH_RULES)
+def test_degenerate_and_padded_boxes_never_match(rule):
   rng = np.random.default_rng(4)
   gt, labels = _random_batch(rng, batch=2, num_gt=5)
   labels[:] = [[1, 2, 3, 4, 0], [5, 5, 5, 5, 5]]
@@ -150,29 +164,35 @@ def test_degenerate_and_padded_boxes_never_match():
   gt[0, 2] = [0.5, 0.5, 0.4, 0.4]               # negative size, labelled
   gt[0, 4] = gt[0, 0]                            # padding that copies a real box
   gt[1, :] = [0.2, 0.2, 0.2, 0.2]               # an image of points only
-  _, cls = _check(gt, labels)
+  if rule == "forced":
+    _, cls = _check(gt, labels)
+  else:
+    _, cls = _check_bipartite(gt, labels)
   assert not np.isin(cls[0], [2, 3]).any()
   assert np.all(cls[1] == 0)
 
 
-def test_min_size_drops_tiny_boxes():
+@pytest.mark.parametrize("rule", matching.MATCH_RULES)
+def test_min_size_drops_tiny_boxes(rule):
   gt = np.array([[[0.5, 0.5, 0.5 + 1e-4, 0.6], [0.1, 0.1, 0.4, 0.4]]], np.float32)
   labels = np.array([[1, 2]])
-  loc, cls = _match(gt, labels, min_size=1e-3)
+  loc, cls = _match(gt, labels, rule=rule, min_size=1e-3)
   assert not np.isin(np.asarray(cls), [1]).any() and np.isin(np.asarray(cls), [2]).any()
-  _, cls_default = _match(gt, labels)
+  _, cls_default = _match(gt, labels, rule=rule)
   assert np.isin(np.asarray(cls_default), [1]).any()
 
 
-def test_nan_boxes_are_dropped_and_targets_stay_finite():
+@pytest.mark.parametrize("rule", matching.MATCH_RULES)
+def test_nan_boxes_are_dropped_and_targets_stay_finite(rule):
   gt = np.array([[[np.nan, 0.1, 0.4, 0.4], [0.1, 0.1, 0.4, 0.4]]], np.float32)
-  loc, cls = _match(gt, np.array([[1, 2]]))
+  loc, cls = _match(gt, np.array([[1, 2]]), rule=rule)
   assert np.all(np.isfinite(np.asarray(loc)))
   assert set(np.unique(np.asarray(cls))) == {0, 2}
 
 
-def test_empty_batch():
-  loc, cls = _match(np.zeros((3, 4, 4), np.float32), np.zeros((3, 4), np.int32))
+@pytest.mark.parametrize("rule", matching.MATCH_RULES)
+def test_empty_batch(rule):
+  loc, cls = _match(np.zeros((3, 4, 4), np.float32), np.zeros((3, 4), np.int32), rule=rule)
   assert np.all(np.asarray(cls) == 0) and np.all(np.asarray(loc) == 0)
 
 
@@ -183,6 +203,146 @@ def test_shape_errors():
     matching.match(np.zeros((1, 4, 4)), np.zeros((1, 4)), ANCHORS.T)
 
 
-def test_no_slots():
-  loc, cls = matching.match(np.zeros((2, 0, 4), np.float32), np.zeros((2, 0), np.int32), ANCHORS)
+@pytest.mark.parametrize("rule", matching.MATCH_RULES)
+def test_no_slots(rule):
+  loc, cls = matching.match(np.zeros((2, 0, 4), np.float32), np.zeros((2, 0), np.int32), ANCHORS,
+                            rule=rule)
   assert loc.shape == (2, len(ANCHORS), 4) and not np.asarray(cls).any()
+
+
+def test_unknown_rule_is_named():
+  with pytest.raises(ValueError, match="loss.matching"):
+    matching.match(np.zeros((1, 1, 4), np.float32), np.zeros((1, 1), np.int32), ANCHORS, rule="greedy")
+
+
+# ---- Caffe's MatchBBox (BIPARTITE, then PER_PREDICTION) --------------------------------------------
+
+def _caffe_match_bbox(gt_boxes, priors_cxcywh, overlap_threshold):
+  """Caffe SSD's MatchBBox for one image, transcribed loop for loop (label -1: all ground truths).
+
+  gt_boxes: list of valid (x1, y1, x2, y2); priors_cxcywh: list of default boxes. Returns
+  match_indices: list, per default box, of the matched gt position in gt_boxes or -1.
+  """
+  num_pred, num_gt = len(priors_cxcywh), len(gt_boxes)
+  match_indices = [-1] * num_pred
+  overlaps = {}                                        # std::map<int, std::map<int, float>>
+  for i in range(num_pred):
+    for j in range(num_gt):
+      overlap = _prior_iou(gt_boxes[j], priors_cxcywh[i])
+      if overlap > 1e-6:
+        overlaps.setdefault(i, {})[j] = overlap
+  gt_pool = list(range(num_gt))
+  while gt_pool:                                       # bipartite matching
+    max_idx, max_gt_idx, max_overlap = -1, -1, -1.0
+    for i in sorted(overlaps):                         # map iteration: ascending prior index
+      if match_indices[i] != -1:
+        continue
+      for j in gt_pool:
+        if j in overlaps[i] and overlaps[i][j] > max_overlap:
+          max_idx, max_gt_idx, max_overlap = i, j, overlaps[i][j]
+    if max_idx == -1:
+      break
+    match_indices[max_idx] = max_gt_idx
+    gt_pool.remove(max_gt_idx)
+  for i in sorted(overlaps):                           # PER_PREDICTION
+    if match_indices[i] != -1:
+      continue
+    max_gt_idx, max_overlap = -1, -1.0
+    for j in range(num_gt):
+      if j in overlaps[i] and overlaps[i][j] >= overlap_threshold and overlaps[i][j] > max_overlap:
+        max_gt_idx, max_overlap = j, overlaps[i][j]
+    if max_gt_idx != -1:
+      match_indices[i] = max_gt_idx
+  return match_indices
+
+
+def _reference_bipartite(gt_boxes, gt_labels, anchors, iou_threshold=0.5, variances=(0.1, 0.2)):
+  """(loc (B, A, 4), cls (B, A)) from _caffe_match_bbox per image, encoded as Caffe's CENTER_SIZE."""
+  batch, num_gt = gt_labels.shape
+  loc = np.zeros((batch, len(anchors), 4))
+  cls = np.zeros((batch, len(anchors)), np.int64)
+  priors = anchors.tolist()
+  for b in range(batch):
+    g = gt_boxes[b].astype(np.float64).tolist()
+    valid = [j for j in range(num_gt) if gt_labels[b, j] > 0 and np.all(np.isfinite(g[j]))
+             and g[j][2] - g[j][0] > 0 and g[j][3] - g[j][1] > 0]
+    if not valid:
+      continue
+    for a, k in enumerate(_caffe_match_bbox([g[j] for j in valid], priors, iou_threshold)):
+      if k == -1:
+        continue
+      x1, y1, x2, y2 = g[valid[k]]
+      cx, cy, w, h = anchors[a].astype(np.float64)
+      cls[b, a] = gt_labels[b, valid[k]]
+      loc[b, a] = [((x1 + x2) / 2 - cx) / (variances[0] * w), ((y1 + y2) / 2 - cy) / (variances[0] * h),
+                   math.log((x2 - x1) / w) / variances[1], math.log((y2 - y1) / h) / variances[1]]
+  return loc, cls
+
+
+def _check_bipartite(gt, labels, **kwargs):
+  loc, cls = _match(gt, labels, rule="bipartite", **kwargs)
+  ref_loc, ref_cls = _reference_bipartite(gt, labels, ANCHORS, **kwargs)
+  assert loc.dtype == np.float32 and cls.dtype == np.int32
+  assert np.all(np.isfinite(loc))
+  np.testing.assert_array_equal(cls, ref_cls)
+  np.testing.assert_allclose(loc, ref_loc, rtol=1e-4, atol=1e-4)
+  return loc, cls
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bipartite_random_batches_with_padding(seed):
+  rng = np.random.default_rng(seed)
+  gt, labels = _random_batch(rng)
+  labels[0, :] = 0
+  gt[labels == 0] = rng.uniform(0, 1, (int((labels == 0).sum()), 4)) * [0.5, 0.5, 1, 1]
+  _, cls = _check_bipartite(gt, labels)
+  assert np.all(cls[0] == 0) and np.all(cls[1:].max(axis=1) > 0)
+  _check_bipartite(gt, labels, iou_threshold=0.3)
+
+
+def test_bipartite_shared_best_box_goes_to_the_lowest_index_and_the_other_gets_the_next():
+  box = [0.5, 0.5, 0.625, 0.625]
+  gt = np.array([[box, box, [0, 0, 0, 0]]], np.float32)
+  labels = np.array([[1, 2, 0]])
+  _, cls = _check_bipartite(gt, labels)
+  ious = np.array([_prior_iou(box, p) for p in ANCHORS.tolist()])
+  order = np.argsort(-ious, kind="stable")
+  assert cls[0, order[0]] == 1 and cls[0, order[1]] == 2     # both ground truths get a default box
+
+
+def _clustered_small_objects(rng, batch, slots, objects=12, image_px=300):
+  """`objects` boxes of 6-21 px per image around 2 cluster centres (SSD300 scale), rest padding."""
+  gt = np.zeros((batch, slots, 4), np.float32)
+  labels = np.zeros((batch, slots), np.int32)
+  for b in range(batch):
+    centres = rng.uniform(40, image_px - 40, (2, 2))
+    for j in range(objects):
+      cx, cy = centres[j % 2] + rng.normal(0, 12, 2)
+      w, h = rng.uniform(6, 21, 2)
+      gt[b, j] = np.clip([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 0, image_px) / image_px
+      labels[b, j] = j + 1                             # one label per object: targets name the object
+  return gt, labels
+
+
+SSD300_ANCHORS = anchor_lib.default_boxes(
+    image_size=300, feature_sizes=(38, 19, 10, 5, 3, 1), steps=(8, 16, 32, 64, 100, 300),
+    min_sizes=(30, 60, 111, 162, 213, 264), max_sizes=(60, 111, 162, 213, 264, 315),
+    aspect_ratios=((2,), (2, 3), (2, 3), (2, 3), (2,), (2,)))
+
+
+@pytest.mark.parametrize("seed", [11, 12])
+def test_bipartite_equals_caffe_on_dense_clustered_small_objects_ssd300(seed):
+  rng = np.random.default_rng(seed)
+  gt, labels = _clustered_small_objects(rng, batch=4, slots=16)
+  match_fn = jax.jit(matching.match, static_argnames=("rule",))
+  loc, cls = (np.asarray(x) for x in match_fn(gt, labels, SSD300_ANCHORS, rule="bipartite"))
+  ref_loc, ref_cls = _reference_bipartite(gt, labels, SSD300_ANCHORS)
+  np.testing.assert_array_equal(cls, ref_cls)
+  np.testing.assert_allclose(loc, ref_loc, rtol=1e-4, atol=1e-4)
+  # Every object that overlaps any default box (all of them here) has at least one.
+  for b in range(4):
+    assert set(np.unique(cls[b])) - {0} == set(range(1, 13)), b
+  # The forced rule, on the same scenes, leaves some objects without any default box.
+  _, forced = (np.asarray(x) for x in match_fn(gt, labels, SSD300_ANCHORS, rule="forced"))
+  missing = sum(12 - len(set(np.unique(forced[b])) - {0}) for b in range(4))
+  assert missing >= 1

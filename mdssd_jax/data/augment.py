@@ -1,12 +1,12 @@
 """Caffe SSD's training augmentation and the eval resize, one example at a time (NumPy + OpenCV).
 
-Stages, in the order `train_transform` applies them (REFERENCE.md section 2): photometric distortion,
+Stages, in the order `train_transform` applies them (docs/augmentation.md): photometric distortion,
 expand (zoom out), random IoU crop, horizontal flip, resize (warp). Every stage is a small public
 function so it can be tested and benchmarked on its own. All randomness comes from the
 `np.random.Generator` passed in, so an example's augmentation is a pure function of its seed.
 
 Formats: images are uint8 (H, W, 3) RGB; boxes are float (N, 4) corner form (x1, y1, x2, y2),
-normalised to the image they belong to; labels are int (N,). N may be 0.
+normalised to the image they belong to; labels are int (N,) 1..C. N may be 0.
 """
 
 from typing import Any, Mapping, Optional, Sequence, Tuple
@@ -27,6 +27,12 @@ INTERPOLATIONS = {
     "lanczos4": cv2.INTER_LANCZOS4,
 }
 DEFAULT_INTERPOLATIONS = ("linear",)
+
+# `augment.crop_sampler`: "caffe" runs every sampler and picks one of the successes (Caffe SSD's
+# batch_sampler); "single_mode" draws one sampler and keeps the whole image when it fails.
+CROP_SAMPLERS = ("caffe", "single_mode")
+# `augment.hue_overflow`: what happens to a hue pushed past 0 or 360 degrees (docs/augmentation.md).
+HUE_OVERFLOWS = ("caffe", "wrap")
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _BELOW_360 = float(np.nextafter(360.0, 0.0))  # cv2.threshold keeps values > thresh: this keeps >= 360
@@ -78,16 +84,20 @@ def _check_range(name: str, value: Sequence[float], lowest: float, highest: floa
 def photometric_distort(image: np.ndarray, rng: np.random.Generator, *, prob: float,
                         brightness_delta: float, contrast_range: Sequence[float],
                         saturation_range: Sequence[float], hue_delta_deg: float,
-                        channel_swap_prob: float) -> np.ndarray:
+                        channel_swap_prob: float, hue_overflow: str = "caffe") -> np.ndarray:
   """Caffe SSD's `DistortImage`: random brightness, contrast, saturation, hue, channel order.
 
   Brightness (add U(-brightness_delta, +brightness_delta)) comes first; then, with even odds, either
   contrast (multiply by U(contrast_range)) before the HSV part or after it. The HSV part scales the
-  saturation by U(saturation_range) and rotates the hue by U(-hue_delta_deg, +hue_delta_deg) degrees.
-  Each of the four fires independently with probability `prob`; last, the channels are shuffled with
-  probability `channel_swap_prob`. Values are clipped to 0..255 after every step, as Caffe's
-  saturating uint8 arithmetic does, but kept in float (float32 through the HSV part) and rounded to
-  uint8 once at the end.
+  saturation by U(saturation_range) and shifts the hue by U(-hue_delta_deg, +hue_delta_deg) degrees
+  (Caffe's hue_delta 18 is in OpenCV's 8-bit hue unit of 2 degrees: 36 degrees). hue_overflow:
+  "caffe" stops a hue pushed below 0 at 0 (Caffe adds the delta to the 8-bit hue plane with a
+  saturating convertTo) and wraps one pushed past 360 (OpenCV's HSV->RGB reads hues modulo 360);
+  "wrap" turns the colour wheel both ways. Each of the four fires independently with probability
+  `prob`; last, the channels are shuffled with probability `channel_swap_prob`. Values are clipped
+  to 0..255 after every step, as Caffe's saturating uint8 arithmetic does, but kept in float (float32
+  through the HSV part, so hue is not quantised to 2 degrees as in Caffe) and rounded to uint8 once
+  at the end.
 
   image: (H, W, 3) uint8 RGB. Returns a new (H, W, 3) uint8 image (a copy when nothing fires).
   """
@@ -122,14 +132,21 @@ def photometric_distort(image: np.ndarray, rng: np.random.Generator, *, prob: fl
     # Float HSV in OpenCV: H in degrees [0, 360), S in [0, 1], V on the input's scale (0..255).
     hsv = cv2.cvtColor(pixels, cv2.COLOR_RGB2HSV)
     saturation_scale = 1.0 if saturation is None else float(saturation)
-    hue_shift = 0.0 if hue is None else float(hue) % 360.0  # a turn of -5 is one of +355
+    hue_shift = 0.0 if hue is None else float(hue)
+    if hue_overflow == "wrap":
+      hue_shift %= 360.0  # a turn of -5 is one of +355
+    elif hue_overflow != "caffe":
+      raise ValueError(f"augment.hue_overflow = {hue_overflow!r}; known: {', '.join(HUE_OVERFLOWS)}.")
     # One pass scales S and shifts H: numpy ops on one channel of an (H, W, 3) array, or on a
     # (3,)-broadcast, are several times slower than these whole-array OpenCV calls.
     hsv = cv2.transform(hsv, np.array([[1.0, 0.0, 0.0, hue_shift], [0.0, saturation_scale, 0.0, 0.0],
                                        [0.0, 0.0, 1.0, 0.0]], np.float32))
     if saturation_scale > 1.0:
       hsv = cv2.min(hsv, (_FLOAT32_MAX, 1.0, _FLOAT32_MAX, 0.0))
-    if hue_shift > 0.0:
+    if hue_shift < 0.0:
+      # Caffe's saturating uint8 add: hues below 0 stop at 0 (red). S and V are >= 0 already.
+      hsv = cv2.max(hsv, (0.0, 0.0, 0.0, 0.0))
+    elif hue_shift > 0.0:
       # Hues are now in [0, 720). Wrap them ourselves (OpenCV versions differ on hues out of range).
       # S <= 1 and V <= 255, so a threshold at 360 over all three planes picks exactly those hues.
       _, turns = cv2.threshold(hsv, _BELOW_360, 360.0, cv2.THRESH_BINARY)
@@ -234,6 +251,60 @@ def sample_crop_px(height_px: int, width_px: int, boxes_xyxy: np.ndarray, rng: n
   return rects[int(np.argmax(ok))].astype(np.int64), mode
 
 
+def sample_crop_caffe_px(height_px: int, width_px: int, boxes_xyxy: np.ndarray, rng: np.random.Generator,
+                         *, min_ious: Sequence[Optional[float]], scale_range: Sequence[float],
+                         aspect_range: Sequence[float], max_trials: int
+                         ) -> Tuple[np.ndarray, Optional[float]]:
+  """Caffe SSD's batch_sampler (sampler.cpp GenerateBatchSamples, annotated_data_layer.cpp).
+
+  Every sampler in `min_ious` is run: None is the whole image (Caffe's first, constraint-free
+  sampler: always a sample); -1.0 is Caffe's max_jaccard_overlap 1.0 sampler, met by any crop as
+  long as the image has at least one box (Caffe tests the constraint box by box, so an image without
+  boxes never meets it); a value v in [0, 1] needs IoU >= v with at least one box. Each runs up to
+  `max_trials` trials and keeps its first success (Caffe's max_sample 1); one of the collected
+  samples is then picked uniformly. A trial draws scale s ~ U(scale_range) and aspect
+  a ~ U(aspect_range) clamped to [s^2, 1/s^2], so width = s*sqrt(a) and height = s/sqrt(a) (as
+  fractions of the image's sides) stay <= 1, and places the crop uniformly. IoUs are measured on
+  normalised coordinates, as in Caffe. A chosen crop is not rejected when it keeps no box centre
+  (Caffe keeps it; the example then trains on background only). With no sample at all (only when
+  `min_ious` lacks None) the whole image is kept. All trials are drawn at once: a fixed number of
+  draws per call.
+
+  boxes_xyxy: (N, 4) normalised. Returns (rect_px int64 (4,) = (x1, y1, x2, y2) in pixels, end
+  exclusive: Caffe's truncation of the normalised crop to pixels; the chosen sampler's min_ious
+  entry, or None for the whole image).
+  """
+  whole = np.array([0, 0, width_px, height_px], np.int64)
+  samplers = [m for m in min_ious if m is not None]
+  trials = max(int(max_trials), 0)
+  shape = (len(samplers), trials)
+  scale = rng.uniform(scale_range[0], scale_range[1], shape)
+  aspect = np.clip(rng.uniform(aspect_range[0], aspect_range[1], shape), scale ** 2, 1.0 / scale ** 2)
+  crop_w, crop_h = scale * np.sqrt(aspect), scale / np.sqrt(aspect)
+  x1 = rng.random(shape) * (1.0 - crop_w)
+  y1 = rng.random(shape) * (1.0 - crop_h)
+  rects = np.stack([x1, y1, x1 + crop_w, y1 + crop_h], axis=-1)                # (S, T, 4) normalised
+  boxes = np.asarray(boxes_xyxy, np.float64).reshape(-1, 4)
+  # (bound, normalised rect) per sampler that succeeded; the whole image as rect None.
+  collected = [(None, None)] * sum(m is None for m in min_ious)
+  if len(boxes) and trials:
+    ious = _iou_rects_boxes(rects.reshape(-1, 4), boxes).reshape(shape + (len(boxes),))
+    best_iou = ious.max(axis=-1)                                                # (S, T)
+    for k, bound in enumerate(samplers):
+      ok = best_iou[k] >= float(bound) if float(bound) >= 0 else np.ones(trials, bool)
+      if ok.any():
+        collected.append((bound, rects[k, int(np.argmax(ok))]))  # the first success
+  choice = int(rng.integers(len(collected))) if collected else -1
+  if choice < 0 or collected[choice][1] is None:
+    return whole, None
+  bound, rect = collected[choice]
+  # Caffe's CropImage: offsets and sizes truncated to whole pixels (at least one pixel here).
+  x1_px, y1_px = int(rect[0] * width_px), int(rect[1] * height_px)
+  x2_px = min(width_px, x1_px + max(1, int((rect[2] - rect[0]) * width_px)))
+  y2_px = min(height_px, y1_px + max(1, int((rect[3] - rect[1]) * height_px)))
+  return np.array([x1_px, y1_px, x2_px, y2_px], np.int64), bound
+
+
 def crop(image: np.ndarray, boxes_xyxy: np.ndarray, labels: np.ndarray, rect_px: np.ndarray
          ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Cuts `rect_px` (x1, y1, x2, y2 pixels, end exclusive) out of the image and its boxes.
@@ -260,15 +331,26 @@ def crop(image: np.ndarray, boxes_xyxy: np.ndarray, labels: np.ndarray, rect_px:
 
 def random_crop(image: np.ndarray, boxes_xyxy: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
                 *, min_ious: Sequence[Optional[float]], scale_range: Sequence[float],
-                aspect_range: Sequence[float], max_trials: int
+                aspect_range: Sequence[float], max_trials: int, sampler: str = "single_mode"
                 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-  """`sample_crop_px` then `crop`. Returns (image, boxes (N', 4), labels (N',), rect_px (4,))."""
+  """A crop rectangle (`sample_crop_caffe_px` for sampler "caffe", `sample_crop_px` for
+  "single_mode"), then `crop`. Returns (image, boxes (N', 4), labels (N',), rect_px (4,))."""
   height, width = image.shape[:2]
-  rect, _ = sample_crop_px(height, width, boxes_xyxy, rng, min_ious=min_ious, scale_range=scale_range,
-                           aspect_range=aspect_range, max_trials=max_trials)
+  sample = _CROP_SAMPLE_FNS[_check_choice("crop_sampler", sampler, CROP_SAMPLERS)]
+  rect, _ = sample(height, width, boxes_xyxy, rng, min_ious=min_ious, scale_range=scale_range,
+                   aspect_range=aspect_range, max_trials=max_trials)
   if rect[0] == 0 and rect[1] == 0 and rect[2] == width and rect[3] == height:
     return image, np.asarray(boxes_xyxy, np.float64), np.asarray(labels), rect
   return (*crop(image, boxes_xyxy, labels, rect), rect)
+
+
+_CROP_SAMPLE_FNS = {"caffe": sample_crop_caffe_px, "single_mode": sample_crop_px}
+
+
+def _check_choice(key: str, value: Any, known: Sequence[str]) -> str:
+  if value not in known:
+    raise ValueError(f"augment.{key} = {value!r}; known: {', '.join(map(repr, known))}.")
+  return value
 
 
 # ---- 4. horizontal flip ------------------------------------------------------------------------
@@ -278,6 +360,56 @@ def horizontal_flip(image: np.ndarray, boxes_xyxy: np.ndarray) -> Tuple[np.ndarr
   boxes = np.asarray(boxes_xyxy, np.float64)
   flipped = np.stack([1.0 - boxes[:, 2], boxes[:, 1], 1.0 - boxes[:, 0], boxes[:, 3]], axis=1)
   return cv2.flip(image, 1), flipped
+
+
+def resolve_flip_labels(aug_cfg: Mapping[str, Any], class_names: Sequence[str]) -> dict:
+  """aug_cfg plus the flip rules as label ids, for `train_transform`; the pipeline calls it once.
+
+  aug_cfg["flip_swap_labels"]: pairs of class names that are each other's mirror image (a flip
+  turns one into the other, e.g. "no left turn" / "no right turn"); aug_cfg["flip_never_labels"]:
+  class names whose mirror image is not a real sign of the same class (digits, text, or the mirror
+  of a class outside the list): an example holding any of them is never flipped.
+  class_names[k] is the name of label k + 1 (0 = background). Returns a copy of aug_cfg with
+  "flip_swap_label_ids" ((a, b) label pairs) and "flip_never_label_ids" (labels) added. Raises
+  ValueError naming the key for a name that is not a class, a class in two pairs, or a pair (a, a).
+  """
+  label_of = {str(name): k + 1 for k, name in enumerate(class_names)}
+
+  def label(key, name):
+    if str(name) not in label_of:
+      raise ValueError(f"augment.{key} names {name!r}, which is not a class of this data set "
+                       f"({len(label_of)} classes: {', '.join(label_of)}); fix the spelling or "
+                       "remove it.")
+    return label_of[str(name)]
+
+  pairs, seen = [], set()
+  for pair in aug_cfg.get("flip_swap_labels", ()):
+    if len(pair) != 2 or pair[0] == pair[1]:
+      raise ValueError(f"augment.flip_swap_labels: {tuple(pair)!r} must be a pair of two different "
+                       "class names.")
+    ids = (label("flip_swap_labels", pair[0]), label("flip_swap_labels", pair[1]))
+    if seen & set(ids):
+      raise ValueError(f"augment.flip_swap_labels: {tuple(pair)!r} repeats a class of another pair.")
+    seen |= set(ids)
+    pairs.append(ids)
+  never = tuple(sorted({label("flip_never_labels", n) for n in aug_cfg.get("flip_never_labels", ())}))
+  if seen & set(never):
+    raise ValueError("augment.flip_swap_labels and augment.flip_never_labels share classes "
+                     f"{sorted(class_names[k - 1] for k in seen & set(never))}; keep each in one.")
+  return dict(aug_cfg, flip_swap_label_ids=tuple(pairs), flip_never_label_ids=never)
+
+
+def _flip_label_rules(aug_cfg: Mapping[str, Any]) -> Tuple[dict, frozenset]:
+  """(label -> mirrored label, labels never flipped) from a `resolve_flip_labels` result."""
+  named = bool(aug_cfg.get("flip_swap_labels")) or bool(aug_cfg.get("flip_never_labels"))
+  if named and "flip_swap_label_ids" not in aug_cfg:
+    raise ValueError("augment.flip_swap_labels / flip_never_labels name classes, but train_transform "
+                     "got no label ids for them: pass the config through "
+                     "augment.resolve_flip_labels(aug_cfg, class_names) first.")
+  swap = {}
+  for a, b in aug_cfg.get("flip_swap_label_ids", ()):
+    swap[int(a)], swap[int(b)] = int(b), int(a)
+  return swap, frozenset(int(k) for k in aug_cfg.get("flip_never_label_ids", ()))
 
 
 # ---- 5. resize (warp) --------------------------------------------------------------------------
@@ -301,7 +433,7 @@ def drop_small_boxes(boxes_xyxy: np.ndarray, labels: np.ndarray, size_px: int,
                      min_box_size_px: float = 1.0) -> Tuple[np.ndarray, np.ndarray]:
   """Drops boxes narrower or shorter than `min_box_size_px` on a size_px x size_px image.
 
-  Zero-size boxes would give log(0) in the box encoding (REFERENCE.md section 2, matching).
+  Zero-size boxes would give log(0) in the box encoding (docs/matching.md).
   """
   boxes = np.asarray(boxes_xyxy, np.float64)
   keep = ((boxes[:, 2] - boxes[:, 0]) * size_px >= min_box_size_px) & \
@@ -332,6 +464,11 @@ def validate_config(aug_cfg: Mapping[str, Any]) -> None:
   for key in ("brightness_delta", "hue_delta_deg"):
     if float(aug_cfg[key]) < 0:
       raise ValueError(f"augment.{key} = {aug_cfg[key]} must be >= 0 (it is a +- bound).")
+  if float(aug_cfg["hue_delta_deg"]) > 180:
+    raise ValueError(f"augment.hue_delta_deg = {aug_cfg['hue_delta_deg']} must be <= 180 degrees "
+                     "(Caffe's hue_delta 18 is 36 degrees: OpenCV's 8-bit hue unit is 2 degrees).")
+  _check_choice("hue_overflow", aug_cfg.get("hue_overflow", "caffe"), HUE_OVERFLOWS)
+  _check_choice("crop_sampler", aug_cfg.get("crop_sampler", "caffe"), CROP_SAMPLERS)
   _check_range("contrast_range", aug_cfg["contrast_range"], 0.0, np.inf)
   _check_range("saturation_range", aug_cfg["saturation_range"], 0.0, np.inf)
   _check_range("crop_scale_range", aug_cfg["crop_scale_range"], np.finfo(float).tiny, 1.0)
@@ -356,27 +493,33 @@ def train_transform(image: np.ndarray, boxes_xyxy: np.ndarray, labels: np.ndarra
                     return_info: bool = False):
   """Caffe SSD's training augmentation of one example, every parameter from `aug_cfg` (config.augment).
 
-  photometric_distort -> expand (prob expand_prob) -> random_crop -> horizontal_flip (prob flip_prob)
-  -> resize to size_px (interpolation drawn from aug_cfg.resize_interpolations, default linear)
-  -> drop boxes under min_box_size_px on the output.
+  photometric_distort -> expand (prob expand_prob) -> random crop (aug_cfg.crop_sampler: "caffe" =
+  sample_crop_caffe_px, "single_mode" = sample_crop_px) -> horizontal_flip (prob flip_prob; never
+  when a remaining box has a label of flip_never_labels; mirrored labels of flip_swap_labels are
+  swapped: pass aug_cfg through `resolve_flip_labels` when those name classes) -> resize to size_px
+  (interpolation drawn from aug_cfg.resize_interpolations, default linear) -> drop boxes under
+  min_box_size_px on the output.
 
   image: (H, W, 3) uint8 RGB; boxes_xyxy: (N, 4) normalised (clipped to [0, 1] here as well); labels:
   (N,) int; N may be 0. fill_rgb: expand's canvas colour (see fill_rgb_from_pixel_convention).
   Returns (image (size_px, size_px, 3) uint8, boxes (N', 4) float32 normalised, labels (N',) int32),
-  plus, with return_info, a dict of what happened (expand_ratio, crop_mode, crop_rect_px, flipped,
-  interpolation, num_dropped_by_crop, num_dropped_small).
+  plus, with return_info, a dict of what happened (expand_ratio, crop_mode (the chosen sampler's
+  min IoU, None for the whole image), crop_rect_px, flipped, flip_blocked (a flip drawn but refused by
+  flip_never_labels), interpolation, num_dropped_by_crop, num_dropped_small).
   """
   where = "train_transform"
   image = _check_image(image, where)
   boxes = _as_boxes(boxes_xyxy, where)
   labels = _as_labels(labels, len(boxes), where)
   validate_config(aug_cfg)
+  swap_labels, never_flip = _flip_label_rules(aug_cfg)
 
   image = photometric_distort(
       image, rng, prob=float(aug_cfg["photometric_prob"]),
       brightness_delta=float(aug_cfg["brightness_delta"]),
       contrast_range=tuple(aug_cfg["contrast_range"]), saturation_range=tuple(aug_cfg["saturation_range"]),
-      hue_delta_deg=float(aug_cfg["hue_delta_deg"]), channel_swap_prob=float(aug_cfg["channel_swap_prob"]))
+      hue_delta_deg=float(aug_cfg["hue_delta_deg"]), channel_swap_prob=float(aug_cfg["channel_swap_prob"]),
+      hue_overflow=str(aug_cfg.get("hue_overflow", "caffe")))
 
   expand_ratio = 1.0
   if rng.random() < float(aug_cfg["expand_prob"]):
@@ -387,7 +530,8 @@ def train_transform(image: np.ndarray, boxes_xyxy: np.ndarray, labels: np.ndarra
 
   num_before_crop = len(boxes)
   crop_height, crop_width = image.shape[:2]
-  rect, crop_mode = sample_crop_px(
+  sample_crop = _CROP_SAMPLE_FNS[aug_cfg.get("crop_sampler", "caffe")]
+  rect, crop_mode = sample_crop(
       crop_height, crop_width, boxes, rng, min_ious=tuple(aug_cfg["crop_min_ious"]),
       scale_range=tuple(aug_cfg["crop_scale_range"]), aspect_range=tuple(aug_cfg["crop_aspect_range"]),
       max_trials=int(aug_cfg["crop_max_trials"]))
@@ -395,9 +539,13 @@ def train_transform(image: np.ndarray, boxes_xyxy: np.ndarray, labels: np.ndarra
     image, boxes, labels = crop(image, boxes, labels, rect)
   num_dropped_by_crop = num_before_crop - len(boxes)
 
-  flipped = bool(rng.random() < float(aug_cfg["flip_prob"]))
+  wants_flip = bool(rng.random() < float(aug_cfg["flip_prob"]))
+  flip_blocked = wants_flip and any(int(k) in never_flip for k in labels)
+  flipped = wants_flip and not flip_blocked
   if flipped:
     image, boxes = horizontal_flip(image, boxes)
+    if swap_labels:
+      labels = np.array([swap_labels.get(int(k), int(k)) for k in labels], np.int32)
 
   interpolations = tuple(aug_cfg.get("resize_interpolations", DEFAULT_INTERPOLATIONS))
   interpolation = interpolations[int(rng.integers(len(interpolations)))] if len(interpolations) > 1 \
@@ -410,7 +558,7 @@ def train_transform(image: np.ndarray, boxes_xyxy: np.ndarray, labels: np.ndarra
   if not return_info:
     return outputs
   info = dict(expand_ratio=expand_ratio, crop_mode=crop_mode, crop_rect_px=rect, flipped=flipped,
-              interpolation=interpolation, num_dropped_by_crop=num_dropped_by_crop,
+              flip_blocked=flip_blocked, interpolation=interpolation, num_dropped_by_crop=num_dropped_by_crop,
               num_dropped_small=num_before_small - len(boxes))
   return (*outputs, info)
 
