@@ -7,22 +7,27 @@ several cv2.setNumThreads settings. Single process, no Grain: a host with W busy
 cores does about W times the images/s. CPU time (time.process_time, all threads of the process) is
 reported beside wall time because on a shared machine the wall clock also counts other jobs.
 
-  python benchmarks/bench_input.py                      # 300 and 512, default config
-  python benchmarks/bench_input.py --num_images=64 --repeats=3 --sizes=300
+  python -m benchmarks.bench_input                      # 300 and 512, default config
+  python -m benchmarks.bench_input --num_images=64 --repeats=3 --sizes=300
+  python -m benchmarks.bench_input --tt100k --num_images=24   # 2048x2048 JPEGs, 512 px crops
+
+--tt100k measures what one worker of configs/mdssd512_tt100k.py does per image: decode a 2048x2048
+JPEG (TT100K's size), take the full-resolution 512 px crop around a sign (tt100k.train_crop) and run
+that config's augmentation to 512 px; config.data.num_workers of that config comes from it.
 """
 
 import argparse
 import os
 import platform
-import sys
 import time
 
 import cv2
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from configs.common import base_config  # noqa: E402
 from mdssd_jax.data import augment  # noqa: E402
+from mdssd_jax.data import pipeline  # noqa: E402
+from mdssd_jax.data import tt100k  # noqa: E402
 
 CAFFE_INTERPOLATIONS = ("linear", "area", "nearest", "cubic", "lanczos4")
 
@@ -87,7 +92,8 @@ def stage_costs(jpegs, boxes, labels, cfg, size_px, max_boxes, seed, always):
     image = augment.photometric_distort(
         image, rng, prob=photometric_prob, brightness_delta=cfg["brightness_delta"],
         contrast_range=cfg["contrast_range"], saturation_range=cfg["saturation_range"],
-        hue_delta_deg=cfg["hue_delta_deg"], channel_swap_prob=cfg["channel_swap_prob"])
+        hue_delta_deg=cfg["hue_delta_deg"], channel_swap_prob=cfg["channel_swap_prob"],
+        hue_overflow=cfg["hue_overflow"])
     t2 = clock()
     if always or rng.random() < cfg["expand_prob"]:
       image, image_boxes = augment.expand(image, image_boxes, rng, max_ratio=cfg["expand_max_ratio"])
@@ -95,7 +101,8 @@ def stage_costs(jpegs, boxes, labels, cfg, size_px, max_boxes, seed, always):
     image, image_boxes, image_labels, _ = augment.random_crop(
         image, image_boxes, image_labels, rng,
         min_ious=(-1.0,) if always else cfg["crop_min_ious"], scale_range=cfg["crop_scale_range"],
-        aspect_range=cfg["crop_aspect_range"], max_trials=cfg["crop_max_trials"])
+        aspect_range=cfg["crop_aspect_range"], max_trials=cfg["crop_max_trials"],
+        sampler=cfg["crop_sampler"])
     t4 = clock()
     if always or rng.random() < cfg["flip_prob"]:
       image, image_boxes = augment.horizontal_flip(image, image_boxes)
@@ -126,13 +133,100 @@ def throughput(jpegs, boxes, labels, cfg, size_px, max_boxes, seed, repeats):
   return len(jpegs) / best_wall, 1e3 * best_cpu / len(jpegs)
 
 
+def tt100k_like_jpegs(num_images, rng, size_px=2048, quality=90):
+  """2048x2048 street-like JPEGs with 4-10 small signs (10-60 px) each: (jpegs, boxes, labels)."""
+  jpegs, boxes, labels = [], [], []
+  for _ in range(num_images):
+    coarse = rng.uniform(0, 255, (size_px // 64, size_px // 64, 3)).astype(np.float32)
+    image = cv2.resize(coarse, (size_px, size_px), interpolation=cv2.INTER_CUBIC)
+    image += rng.normal(0, 8, image.shape).astype(np.float32)
+    image = cv2.GaussianBlur(image, (0, 0), 1.0)
+    image_boxes = []
+    for _ in range(int(rng.integers(4, 11))):
+      side = int(rng.integers(10, 61))
+      x1, y1 = rng.integers(0, size_px - side, size=2)
+      colour = tuple(float(c) for c in rng.uniform(0, 255, 3))
+      cv2.circle(image, (int(x1 + side // 2), int(y1 + side // 2)), side // 2, colour, -1)
+      image_boxes.append([x1 / size_px, y1 / size_px, (x1 + side) / size_px, (y1 + side) / size_px])
+    ok, buffer = cv2.imencode(".jpg", np.clip(image, 0, 255).astype(np.uint8),
+                              [cv2.IMWRITE_JPEG_QUALITY, quality])
+    assert ok
+    jpegs.append(buffer.tobytes())
+    boxes.append(np.array(image_boxes, np.float32))
+    labels.append(rng.integers(1, 46, len(image_boxes)))
+  return jpegs, boxes, labels
+
+
+def tt100k_worker(jpegs, boxes, labels, repeats, seed=0):
+  """Best-of-`repeats` CPU ms per image of each stage and the whole, and images/s on the wall clock,
+  of one worker of configs/mdssd512_tt100k.py (the pipeline's own decode, crop and augmentation)."""
+  from configs import mdssd512_tt100k  # pylint: disable=g-import-not-at-top
+  config = mdssd512_tt100k.get_config()
+  cfg = augment.resolve_flip_labels(config.augment.to_dict(), tt100k.TT100K_45_CLASSES)
+  crop = tt100k.make_train_crop(config.data.tt100k.train_crop_size_px,
+                                config.data.tt100k.crop_on_object_prob)
+  size_px, max_boxes = config.model.input_size_px, config.data.max_boxes
+  names = ("decode 2048 px JPEG", "full-resolution crop", "augment to 512 + pad")
+  best = dict.fromkeys(names, np.inf)
+  best_wall = np.inf
+  for repeat in range(repeats):
+    total = dict.fromkeys(names, 0.0)
+    wall = time.perf_counter()
+    for index, (jpeg, image_boxes, image_labels) in enumerate(zip(jpegs, boxes, labels)):
+      rng = np.random.default_rng([seed, repeat, index])
+      t0 = time.process_time()
+      image = pipeline.decode_image(jpeg)
+      t1 = time.process_time()
+      image, out_boxes, out_labels = crop(image, image_boxes, image_labels, rng)
+      t2 = time.process_time()
+      image, out_boxes, out_labels = augment.train_transform(image, out_boxes, out_labels, rng, cfg,
+                                                             size_px)
+      pipeline.pad_boxes(out_boxes, out_labels, max_boxes)
+      t3 = time.process_time()
+      for name, dt in zip(names, (t1 - t0, t2 - t1, t3 - t2)):
+        total[name] += dt
+    best_wall = min(best_wall, time.perf_counter() - wall)
+    for name in names:
+      best[name] = min(best[name], 1e3 * total[name] / len(jpegs))
+  return best, len(jpegs) / best_wall
+
+
+def main_tt100k(args):
+  jpegs, boxes, labels = tt100k_like_jpegs(args.num_images, np.random.default_rng(args.seed))
+  print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, load average "
+        f"{os.getloadavg()[0]:.1f}, OpenCV {cv2.__version__}; {len(jpegs)} JPEGs 2048x2048, mean "
+        f"{np.mean([len(j) for j in jpegs]) / 1024:.0f} KiB; best of {args.repeats} passes\n")
+  print("| cv2 threads | stage | CPU ms/image |")
+  print("|---|---|---:|")
+  default_threads = cv2.getNumThreads()
+  rows = []
+  for threads in (1, default_threads):
+    cv2.setNumThreads(threads)
+    stages, wall_rate = tt100k_worker(jpegs, boxes, labels, args.repeats, args.seed)
+    for name, ms in stages.items():
+      print(f"| {threads} | {name} | {ms:.1f} |")
+    cpu_ms = sum(stages.values())
+    print(f"| {threads} | **whole example** | **{cpu_ms:.1f}** |")
+    rows.append((threads, cpu_ms, wall_rate))
+  cv2.setNumThreads(default_threads)
+  print("\n| cv2 threads | CPU ms/image | images/s per busy core | images/s wall (this machine) |")
+  print("|---|---:|---:|---:|")
+  for threads, cpu_ms, wall_rate in rows:
+    print(f"| {threads} | {cpu_ms:.1f} | {1e3 / cpu_ms:.1f} | {wall_rate:.1f} |")
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--num_images", type=int, default=100)
   parser.add_argument("--repeats", type=int, default=3, help="passes per figure; the best is reported")
   parser.add_argument("--sizes", type=str, default="300,512")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--tt100k", action="store_true",
+                      help="2048x2048 JPEGs with TT100K's full-resolution crops (one worker)")
   args = parser.parse_args()
+  if args.tt100k:
+    main_tt100k(args)
+    return
   sizes = [int(s) for s in args.sizes.split(",")]
 
   config = base_config()

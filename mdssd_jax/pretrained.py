@@ -1,12 +1,14 @@
 """ImageNet VGG16 weights into the SSD trunk: timm / torchvision / ssd.pytorch files, no torch.
 
-fc6/fc7 become the dilated conv6 and the 1x1 conv7 by decimation (REFERENCE.md section 3). Each
-source's pixel convention travels with its weights. PyTorch `.pth` files (zip and legacy formats)
-are read with a restricted unpickler that builds NumPy arrays and refuses any other object.
+fc6/fc7 become the dilated conv6 and the 1x1 conv7 by decimation (docs/pretrained_weights.md). Each
+source's pixel convention travels with its weights. Every pickle of a PyTorch `.pth` file (zip and
+legacy formats) is read with one restricted unpickler that builds NumPy arrays and refuses any other
+object, so a weights file cannot run code.
 """
 
 import collections
 import io
+import os
 import pickle
 import zipfile
 from typing import Any, Dict, Mapping, Tuple
@@ -17,7 +19,7 @@ from mdssd_jax.models import vgg
 
 SOURCES = ("timm", "torchvision", "ssd_pytorch")
 
-# Pixel conventions the weights were trained with (REFERENCE.md section 3; pixels.normalize).
+# Pixel conventions the weights were trained with (docs/pretrained_weights.md; pixels.normalize).
 IMAGENET_RGB = dict(channel_order="RGB", input_range=1.0, mean=(0.485, 0.456, 0.406),
                     std=(0.229, 0.224, 0.225))
 CAFFE_BGR = dict(channel_order="BGR", input_range=255.0, mean=(104.0, 117.0, 123.0),
@@ -29,7 +31,7 @@ PIXEL_CONVENTIONS = dict(timm=IMAGENET_RGB, torchvision=IMAGENET_RGB, ssd_pytorc
 _FEATURE_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
 _SSD_PYTORCH_FC = ("31", "33")
 
-# DeepLab's decimation of the ImageNet classifier (REFERENCE.md section 3).
+# DeepLab's decimation of the ImageNet classifier (docs/pretrained_weights.md).
 DECIMATE_CHANNELS = 4       # keep every 4th fc6 output, fc7 input and output
 FC6_TAPS = (0, 3, 6)        # of the 7x7 fc6 kernel: a 3x3 kernel that, dilated by 3x2, spans it
 
@@ -60,16 +62,27 @@ def detect_source(keys) -> str:
 
 
 # ---- reading files ----------------------------------------------------------------------------
+#
+# A .pth file is a pickle, and unpickling runs whatever callable the file names. Every pickle read
+# here (the five of the legacy format, data.pkl of the zip format) goes through _RestrictedUnpickler,
+# which resolves only the names a state dict of tensors needs (docs/pretrained_weights.md, "Which
+# formats are safe"). safetensors files hold no code at all.
 
 def read_state_dict(path: str) -> Dict[str, np.ndarray]:
-  """{key: np.ndarray} from a safetensors file or a PyTorch .pth (zip or legacy), without torch."""
+  """{key: np.ndarray} from a safetensors file or a PyTorch .pth (zip or legacy), without torch.
+
+  Raises pickle.UnpicklingError naming the file when a .pth asks for anything but tensors, numbers,
+  strings, lists and dicts (a file crafted to run code, or not a state dict); nothing it names is
+  ever called. ValueError naming the file for any other damage.
+  """
+  path = os.fspath(path)
   with open(path, "rb") as f:
     head = f.read(4)
   if head.startswith(b"PK"):
     state = _read_torch_zip(path)
   elif head[:1] == b"\x80":   # pickle PROTO opcode: PyTorch's legacy (pre-1.6) format
     with open(path, "rb") as f:
-      state = _read_torch_legacy(f)
+      state = _read_torch_legacy(f, path)
   else:
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
     try:
@@ -100,7 +113,7 @@ _STORAGE_DTYPES = dict(
 
 
 class _StorageType:
-  """Stands for torch.<X>Storage in a pickle: only its element dtype matters."""
+  """Stands for torch.<X>Storage in a pickle: only its element dtype matters. Not callable."""
 
   def __init__(self, name):
     dtype = _STORAGE_DTYPES[name]
@@ -110,6 +123,12 @@ class _StorageType:
     self.dtype = np.dtype(dtype)
 
 
+def _int_tuple(values, what):
+  if not isinstance(values, (tuple, list)) or not all(isinstance(v, int) for v in values):
+    raise ValueError(f"a tensor's {what} is {values!r}, not a tuple of ints")
+  return tuple(values)
+
+
 class _TensorRef:
   """A tensor as torch._utils._rebuild_tensor(_v2) describes it: a strided view of a flat storage.
 
@@ -117,21 +136,28 @@ class _TensorRef:
   """
 
   def __init__(self, storage, storage_offset, size, stride, *unused):
-    self.storage, self.offset = storage, int(storage_offset)
-    self.size, self.stride = tuple(size), tuple(stride)
+    self.storage, self.offset = storage, storage_offset
+    self.size, self.stride = size, stride
 
   def numpy(self) -> np.ndarray:
+    # Attributes are checked here, not in __init__: a pickle's BUILD opcode can overwrite them.
+    if not isinstance(self.storage, np.ndarray) or self.storage.ndim != 1:
+      raise ValueError("a tensor whose storage is not a storage record")
+    if not isinstance(self.offset, int):
+      raise ValueError(f"a tensor's storage offset is {self.offset!r}, not an int")
+    size, stride = _int_tuple(self.size, "shape"), _int_tuple(self.stride, "stride")
+    if len(size) != len(stride) or min(size, default=0) < 0:
+      raise ValueError(f"a tensor of shape {size} with strides {stride}")
     itemsize = self.storage.dtype.itemsize
     # as_strided does not check bounds: a corrupt file must not make it read foreign memory.
-    last = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride))
-    if (min(self.size, default=1) > 0 and
-        (self.offset < 0 or min(self.stride, default=0) < 0 or last >= self.storage.size)):
-      raise ValueError(f"corrupt weights file: a tensor of shape {self.size} (stride "
-                       f"{self.stride}, offset {self.offset}) overruns its storage of "
-                       f"{self.storage.size} elements")
+    last = self.offset + sum((n - 1) * s for n, s in zip(size, stride))
+    if (min(size, default=1) > 0 and
+        (self.offset < 0 or min(stride, default=0) < 0 or last >= self.storage.size)):
+      raise ValueError(f"a tensor of shape {size} (stride {stride}, offset {self.offset}) "
+                       f"overruns its storage of {self.storage.size} elements")
     view = np.lib.stride_tricks.as_strided(
-        self.storage[self.offset:], shape=self.size,
-        strides=tuple(s * itemsize for s in self.stride), writeable=False)
+        self.storage[self.offset:], shape=size,
+        strides=tuple(s * itemsize for s in stride), writeable=False)
     # A contiguous view is used as it is: fc6 alone is 400 MB, a copy would double the peak.
     return view if view.flags.c_contiguous else np.array(view)
 
@@ -140,101 +166,170 @@ def _rebuild_parameter(data, *unused):
   return data
 
 
-class _TensorUnpickler(pickle.Unpickler):
-  """Unpickles a PyTorch state dict into _TensorRefs; refuses every global but the few it needs.
+# The only names a pickle in a weights file may resolve, and what each stands for here. Nothing
+# else is importable through it: not builtins, not os, not numpy.
+_ALLOWED_GLOBALS = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor"): _TensorRef,
+    ("torch._utils", "_rebuild_tensor_v2"): _TensorRef,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    **{("torch", name): _StorageType(name) for name in _STORAGE_DTYPES},
+}
 
-  `load_storage(storage_type, key, numel, view)` returns the flat storage (np.ndarray) of a
-  persistent id; the two file formats differ only there.
+
+class _RestrictedUnpickler(pickle._Unpickler):  # pylint: disable=protected-access
+  """The one unpickler for every pickle of a weights file: only _ALLOWED_GLOBALS resolve.
+
+  Names reach a pickle through GLOBAL, STACK_GLOBAL and INST, which call find_class, and through
+  EXT1/2/4 (copyreg's extension registry), which the C unpickler serves from copyreg's cache
+  without asking find_class. Hence the Python unpickler, whose get_extension can be closed (a
+  state dict never uses EXT); the pickles are small, the tensors' bytes are read apart. So no other
+  callable can reach REDUCE, NEWOBJ or BUILD. `load_storage(storage_type, key, numel, view)`
+  returns the flat storage (np.ndarray) of a persistent id (the two file formats differ only
+  there); without it, a persistent id is refused as well. `what` names the pickle in messages.
   """
 
-  def __init__(self, file, load_storage):
+  def __init__(self, file, path, what, load_storage=None):
     super().__init__(file)
-    self._load_storage = load_storage
+    self._path, self._what, self._load_storage = path, what, load_storage
+
+  def _load_build(self):
+    # BUILD sets attributes from the state on top of the stack. torch uses it on state dicts
+    # (OrderedDict._metadata); on a class or function it would rewrite our own code's objects.
+    target = self.stack[-2] if len(self.stack) >= 2 else None
+    if not isinstance(target, (collections.OrderedDict, dict, _TensorRef)):
+      raise pickle.UnpicklingError(
+          f"{self._path}: refusing to set attributes of {type(target).__name__} objects in the "
+          f"{self._what} of this weights file (nothing was run); a state dict never does.")
+    pickle._Unpickler.load_build(self)  # pylint: disable=protected-access
+
+  dispatch = dict(pickle._Unpickler.dispatch)  # pylint: disable=protected-access
+  dispatch[pickle.BUILD[0]] = _load_build
+
+  def get_extension(self, code):
+    raise pickle.UnpicklingError(
+        f"{self._path}: refusing extension code {code} (copyreg) in the {self._what} of this "
+        "weights file (nothing was run): a state dict never uses one. Use a file from a source "
+        "you trust, or its safetensors version (docs/pretrained_weights.md).")
 
   def find_class(self, module, name):
-    if module == "torch" and name in _STORAGE_DTYPES:
-      return _StorageType(name)
-    if (module, name) == ("collections", "OrderedDict"):
-      return collections.OrderedDict
-    if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
-      return _TensorRef
-    if (module, name) == ("torch._utils", "_rebuild_parameter"):
-      return _rebuild_parameter
-    raise pickle.UnpicklingError(
-        f"refusing to load {module}.{name} from a weights file: only tensors and dicts are "
-        "allowed (is this a state dict of VGG16 weights?)")
+    found = _ALLOWED_GLOBALS.get((module, name))
+    # The pickles around the state dict (magic, protocol, sys info, keys) need no names at all.
+    if found is None or self._load_storage is None:
+      raise pickle.UnpicklingError(
+          f"{self._path}: refusing to load {module}.{name} from the {self._what} of this weights "
+          "file (nothing was run). A state dict needs only tensors, numbers, strings, lists and "
+          "dicts; this file asks for more, so it is not a plain state dict or it was made to run "
+          "code. Use a file from a source you trust, or its safetensors version "
+          "(docs/pretrained_weights.md).")
+    return found
 
   def persistent_load(self, pid):
     # ('storage', storage type, key, location, numel[, view metadata (legacy format)])
-    if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"
-            and isinstance(pid[1], _StorageType)):
-      raise pickle.UnpicklingError(f"unsupported persistent id {pid!r} in a weights file")
+    if not (self._load_storage is not None and isinstance(pid, tuple) and len(pid) >= 5
+            and pid[0] == "storage" and isinstance(pid[1], _StorageType)
+            and isinstance(pid[2], (str, int)) and isinstance(pid[4], int) and pid[4] >= 0):
+      raise pickle.UnpicklingError(
+          f"{self._path}: unsupported persistent id {pid!r} in the {self._what} of this weights "
+          "file (expected a tensor storage record)")
     view = pid[5] if len(pid) > 5 else None
-    return self._load_storage(pid[1], str(pid[2]), int(pid[4]), view)
+    return self._load_storage(pid[1], str(pid[2]), pid[4], view)
+
+
+def _restricted_load(file, path, what, load_storage=None):
+  """One pickle from `file` through _RestrictedUnpickler; any failure names the file and the pickle."""
+  try:
+    return _RestrictedUnpickler(file, path, what, load_storage).load()
+  except pickle.UnpicklingError:
+    raise
+  except Exception as e:  # truncated or corrupt pickles raise all kinds of errors
+    raise ValueError(f"{path}: the {what} of this PyTorch weights file is damaged "
+                     f"({type(e).__name__}: {e}); download it again") from e
+
+
+def _materialise(obj, path):
+  """Replaces _TensorRefs by np.ndarrays in (nested) dicts."""
+  if isinstance(obj, Mapping):
+    return {k: _materialise(v, path) for k, v in obj.items()}
+  if isinstance(obj, _TensorRef):
+    try:
+      return obj.numpy()
+    except ValueError as e:
+      raise ValueError(f"{path}: corrupt weights file: {e}") from e
+  return obj
 
 
 def _read_torch_zip(path):
   """PyTorch >= 1.6 format: <dir>/data.pkl plus one raw file <dir>/data/<key> per storage."""
   with zipfile.ZipFile(path) as zf:
-    pkl_names = [n for n in zf.namelist() if n.endswith("data.pkl")]
+    names = set(zf.namelist())
+    pkl_names = [n for n in names if n.endswith("data.pkl")]
     if len(pkl_names) != 1:
       raise ValueError(f"{path}: a zip but not a PyTorch checkpoint (no single data.pkl)")
     prefix = pkl_names[0][:-len("data.pkl")]
     order = "<"
-    if prefix + "byteorder" in zf.namelist():
+    if prefix + "byteorder" in names:
       order = "<" if zf.read(prefix + "byteorder").decode().strip() == "little" else ">"
     cache = {}
 
     def load_storage(storage_type, key, numel, unused_view):
       if key not in cache:
-        raw = zf.read(f"{prefix}data/{key}")
+        member = f"{prefix}data/{key}"
+        if member not in names:
+          raise ValueError(f"storage {member} is missing")
+        raw = zf.read(member)
         cache[key] = np.frombuffer(raw, storage_type.dtype.newbyteorder(order), numel).astype(
             storage_type.dtype, copy=False)
       return cache[key]
 
-    return _materialise(_TensorUnpickler(io.BytesIO(zf.read(pkl_names[0])), load_storage).load())
+    result = _restricted_load(io.BytesIO(zf.read(pkl_names[0])), path, "data.pkl pickle",
+                              load_storage)
+    return _materialise(result, path)
 
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 
-def _read_torch_legacy(f):
+def _read_torch_legacy(f, path):
   """PyTorch < 1.6 format: magic, protocol, sys info, the pickle, its storage keys, raw storages.
 
   Each storage follows as an int64 element count and its bytes, in the order of the keys list;
   the arrays are allocated while unpickling and filled in place afterwards.
   """
-  if pickle.load(f) != _LEGACY_MAGIC:
-    raise ValueError("not a PyTorch checkpoint (bad magic number); expected a .pth or safetensors")
-  pickle.load(f)                       # protocol version
-  sys_info = pickle.load(f)
+  if _restricted_load(f, path, "magic-number pickle") != _LEGACY_MAGIC:
+    raise ValueError(f"{path}: not a PyTorch checkpoint (bad magic number); expected a .pth or "
+                     "safetensors file")
+  protocol = _restricted_load(f, path, "protocol-version pickle")
+  if not isinstance(protocol, int):
+    raise ValueError(f"{path}: the protocol version is {protocol!r}, not an int")
+  sys_info = _restricted_load(f, path, "sys-info pickle")
   little = not isinstance(sys_info, dict) or sys_info.get("little_endian", True)
   order = "<" if little else ">"
+  file_bytes = os.fstat(f.fileno()).st_size
   roots = {}
 
   def load_storage(storage_type, key, numel, view):
     if key not in roots:
+      if numel * storage_type.dtype.itemsize > file_bytes:   # no huge allocation for a bad count
+        raise ValueError(f"storage {key!r} claims {numel} elements, more than the file holds")
       roots[key] = np.empty(numel, storage_type.dtype)
     if view is None:
       return roots[key]
-    view_key, offset, view_size = view   # a storage that is a slice of another
-    del view_key
+    _, offset, view_size = view   # a storage that is a slice of another
     return roots[key][int(offset):int(offset) + int(view_size)]
 
-  result = _TensorUnpickler(f, load_storage).load()
-  for key in pickle.load(f):
+  result = _restricted_load(f, path, "main (state dict) pickle", load_storage)
+  keys = _restricted_load(f, path, "storage-keys pickle")
+  if not isinstance(keys, list) or not all(str(k) in roots for k in keys):
+    raise ValueError(f"{path}: the storage keys {keys!r} do not match the state dict's storages")
+  for key in keys:
     array = roots[str(key)]
     count = int(np.frombuffer(f.read(8), order + "i8")[0])
+    if not 0 <= count <= array.size:
+      raise ValueError(f"{path}: storage {key!r} holds {count} elements, expected {array.size}")
     array[:count] = np.frombuffer(f.read(count * array.dtype.itemsize),
                                   array.dtype.newbyteorder(order), count)
-  return _materialise(result)
-
-
-def _materialise(obj):
-  """Replaces _TensorRefs by np.ndarrays in (nested) dicts."""
-  if isinstance(obj, Mapping):
-    return {k: _materialise(v) for k, v in obj.items()}
-  return obj.numpy() if isinstance(obj, _TensorRef) else obj
+  return _materialise(result, path)
 
 
 # ---- mapping to the trunk ---------------------------------------------------------------------

@@ -428,3 +428,33 @@ def test_coco_from_official_files(tmp_path):
   np.testing.assert_array_equal(batch["labels"][0, :3], [17, 1, 0])
   np.testing.assert_array_equal(batch["difficult"][0, :2], [False, True])
   np.testing.assert_allclose(batch["boxes"][0, 0], [5 / 40, 5 / 50, 25 / 40, 35 / 50], atol=1e-6)
+
+
+def test_coco_eval_batches_carry_the_annotated_area(tmp_path):
+  """`area` (B, M): COCO's annotated area in pixels of the original image, in the order of the
+  boxes, -1 for padding; the box area would be different (a segment is smaller than its box)."""
+  manual = tmp_path / "coco"
+  (manual / "annotations").mkdir(parents=True)
+  categories = [{"id": 1, "name": "person"}, {"id": 18, "name": "dog"}]
+  anns = {"train2017": [], "val2017": [  # (category, bbox x, y, w, h, area, iscrowd)
+      (18, (5, 5, 40, 30), 700.0, 0), (1, (50, 10, 35, 35), 1000.5, 0), (1, (0, 0, 90, 60), 4000.0, 1)]}
+  for folder, image_anns in anns.items():
+    (manual / folder).mkdir()
+    image = {"id": 7, "file_name": "000000000007.jpg", "width": 90, "height": 60}
+    (manual / folder / image["file_name"]).write_bytes(
+        _jpeg(np.random.default_rng(1).integers(0, 255, size=(60, 90, 3)).astype(np.uint8)))
+    data = {"images": [image], "categories": categories, "annotations": [
+        {"id": k + 1, "image_id": 7, "category_id": cat, "bbox": list(bbox), "area": area,
+         "iscrowd": crowd} for k, (cat, bbox, area, crowd) in enumerate(image_anns)]}
+    name = "instances_train2017.json" if folder == "train2017" else "instances_val2017.json"
+    (manual / "annotations" / name).write_text(json.dumps(data))
+  c = _config(tmp_path, "coco/2017", manual_dir=str(manual), eval_split="validation", max_boxes=4)
+  c.eval.batch_size = 2
+  prepare.prepare(c)
+  (batch,) = list(pipeline.make_eval_batches(c))
+  assert batch["area"].dtype == np.float32 and batch["area"].shape == batch["labels"].shape == (2, 4)
+  np.testing.assert_allclose(batch["area"][0], [700.0, 1000.5, 4000.0, -1.0])
+  np.testing.assert_array_equal(batch["area"][1], [-1.0] * 4)   # a padding example
+  np.testing.assert_array_equal(batch["difficult"][0, :3], [False, False, True])
+  box_px = batch["boxes"][0, 0] * [90, 60, 90, 60]
+  assert (box_px[2] - box_px[0]) * (box_px[3] - box_px[1]) == pytest.approx(1200.0, abs=1e-3)

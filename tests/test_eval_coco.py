@@ -104,11 +104,12 @@ def test_ground_truth_as_detections_gives_ap_one():
 
 
 def test_evaluator_interface_and_no_detections():
-  from mdssd_jax.evaluation import make_evaluator
+  from mdssd_jax.evaluation import make_metric
   import ml_collections
   rng = np.random.default_rng(9)
   predictions, ground_truths = _random_case(rng, num_images=12)
-  ev = make_evaluator(ml_collections.ConfigDict(dict(metric="coco")), ["a", "b", "c", "d"])
+  ev = make_metric(ml_collections.ConfigDict(dict(type="coco", coco_backend="pycocotools")),
+                   ["a", "b", "c", "d"])
   ev.add(predictions[:5], ground_truths[:5])
   ev.add(predictions[5:], ground_truths[5:])
   metrics = ev.compute()
@@ -121,3 +122,53 @@ def test_evaluator_interface_and_no_detections():
   ev.reset()
   ev.add(empty, ground_truths)
   assert ev.compute()["AP"] == 0.0
+
+
+def test_annotation_area_decides_small_medium_large():
+  """Objects whose box is above 32^2 px but whose annotated (segment) area is below it are small,
+  as pycocotools counts them; -1 falls back to the box area."""
+  rng = np.random.default_rng(7)
+  predictions, ground_truths = _random_case(rng, num_images=40)
+  for g in ground_truths:
+    w, h = g["boxes"][:, 2] - g["boxes"][:, 0], g["boxes"][:, 3] - g["boxes"][:, 1]
+    # A thin diagonal object: its segment covers a fifth of its box; some objects carry no area.
+    g["area"] = np.where(rng.random(len(w)) < 0.8, 0.2 * w * h, -1.0)
+  moved = sum(int(np.sum((a >= 0) & (a < 32 ** 2) & (w * h > 32 ** 2)))
+              for g in ground_truths
+              for a, w, h in [(g["area"], g["boxes"][:, 2] - g["boxes"][:, 0],
+                               g["boxes"][:, 3] - g["boxes"][:, 1])])
+  assert moved >= 5   # the case really moves objects from medium to small
+
+  def direct(with_area):
+    """pycocotools on the test's own annotation dicts: area = the given area or the box area."""
+    images, anns, results = [], [], []
+    for i, (p, g) in enumerate(zip(predictions, ground_truths)):
+      images.append({"id": i + 1})
+      for b, l, c, a in zip(g["boxes"], g["labels"], g["difficult"], g["area"]):
+        w, h = b[2] - b[0], b[3] - b[1]
+        anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": int(l),
+                     "bbox": [b[0], b[1], w, h], "area": a if (with_area and a >= 0) else w * h,
+                     "iscrowd": int(c)})
+      for b, s, l in zip(p["boxes"], p["scores"], p["labels"]):
+        results.append({"image_id": i + 1, "category_id": int(l),
+                        "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": s})
+    with contextlib.redirect_stdout(io.StringIO()):
+      gt = COCO()
+      gt.dataset = {"images": images, "annotations": anns,
+                    "categories": [{"id": c} for c in range(1, 5)]}
+      gt.createIndex()
+      e = COCOeval(gt, gt.loadRes(results), "bbox")
+      e.evaluate()
+      e.accumulate()
+      e.summarize()
+    return e.stats
+
+  ours = coco.evaluate(predictions, ground_truths)
+  got = np.array([ours[name] for name in coco.STAT_NAMES])
+  np.testing.assert_allclose(got, direct(with_area=True), rtol=0, atol=1e-12)
+  by_box = direct(with_area=False)
+  assert abs(by_box[3] - got[3]) > 1e-3   # AP_small differs from the box-area buckets
+
+  evaluator = coco.CocoEvaluator(["a", "b", "c", "d"])
+  evaluator.add(predictions, ground_truths)
+  assert evaluator.compute()["AP_small"] == pytest.approx(got[3], abs=1e-12)

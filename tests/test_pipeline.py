@@ -1,6 +1,12 @@
 """The Grain pipelines on a tiny prepared synthetic set: batch format, resume, sharding, eval padding,
 and the repairs (corrupt images, boxes outside the image, empty images)."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import cv2
 import grain
 from etils import epath
@@ -149,8 +155,7 @@ def test_eval_batches_padding_and_sharding(data_dir):
   assert ids == [0, 1, 2, 3, -1, -1, 4, 5, 6, 7, -1, -1]
   assert masks == [i >= 0 for i in ids]
 
-  c.eval.max_images = 5
-  ids = [i for batch in pipeline.make_eval_batches(c) for i in batch["image_id"].tolist()]
+  ids = [i for batch in pipeline.make_eval_batches(c, max_images=5) for i in batch["image_id"].tolist()]
   assert ids == [0, 1, 2, 3, 4, -1]
 
 
@@ -237,7 +242,7 @@ def test_corrupt_record_skipped_and_empty_record_valid(data_dir):
   empty = decode.map({"index": 8, "record": {"image": _jpeg(), "objects": no_objects}})
   assert pipeline._NotCorrupt().filter(empty)
   np.testing.assert_array_equal(empty["_stats"], [1, 0, 0, 0])
-  augment_and_pad = pipeline._AugmentAndPad(c.augment.to_dict(), 64, 8, 0, 0.0, (0, 0, 0))
+  augment_and_pad = pipeline._AugmentAndPad(c.augment.to_dict(), 64, 8, None, (0, 0, 0))
   out = augment_and_pad.random_map(empty, np.random.default_rng(0))
   assert out["image"].shape == (64, 64, 3)
   assert np.all(out["labels"] == 0) and np.all(out["boxes"] == 0)
@@ -248,7 +253,7 @@ def test_corrupt_record_skipped_and_empty_record_valid(data_dir):
   assert len(decoded["labels"]) == 9
   c.augment.crop_min_ious = (None,)
   c.augment.expand_prob = 0.0
-  out = pipeline._AugmentAndPad(c.augment.to_dict(), 64, 8, 0, 0.0, (0, 0, 0)).random_map(
+  out = pipeline._AugmentAndPad(c.augment.to_dict(), 64, 8, None, (0, 0, 0)).random_map(
       decoded, np.random.default_rng(0))
   assert np.all(out["labels"] == 1) and out["_stats"][3] == 1
 
@@ -258,3 +263,95 @@ def test_pipeline_stats_add():
   stats.add(np.array([[1, 2, 3, 4], [0, 1, 0, 1]]), examples=2)
   assert stats.as_dict() == {"examples": 2, "corrupt_images": 1, "boxes_clipped": 3,
                              "degenerate_dropped": 3, "boxes_truncated": 5}
+
+
+_PARENT = """
+import sys, time
+sys.path.insert(0, {root!r})
+from configs import common
+from mdssd_jax.data import pipeline
+c = common.base_config()
+c.seed = 3
+c.data.name = "synthetic_small_objects"
+c.data.data_dir = {data_dir!r}
+c.data.synthetic.update(num_train={num_train}, num_test={num_test}, image_size_px=96, min_object_px=6,
+                        max_object_px=24, max_objects=6)
+c.data.max_boxes = 8
+c.data.num_workers = 2
+c.model.input_size_px = 64
+c.train.global_batch_size = 4
+c.eval.batch_size = 3
+train = pipeline.make_train_iterator(c)
+next(train)
+evaluation = iter(pipeline.make_eval_batches(c))
+next(evaluation)
+print("READY", flush=True)
+time.sleep(600)
+"""
+
+
+def _children(pid):
+  found = []
+  for task in os.listdir(f"/proc/{pid}/task"):
+    with open(f"/proc/{pid}/task/{task}/children") as f:
+      found += [int(p) for p in f.read().split()]
+  return found
+
+
+def _running(pid):
+  """True while `pid` exists and is not a zombie (dead, not reaped yet)."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except FileNotFoundError:
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_grain_workers_end_when_the_trainer_is_killed(data_dir):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  script = _PARENT.format(root=root, data_dir=data_dir, num_train=NUM_TRAIN, num_test=NUM_TEST)
+  parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+  try:
+    assert parent.stdout.readline().strip() == "READY"
+    workers = [p for p in _children(parent.pid) if _running(p)]
+    with open(f"/proc/{workers[0]}/cmdline") as f:
+      assert "multiprocessing" in f.read()
+    assert len(workers) >= 4   # 2 training + 2 evaluation workers (+ multiprocessing's tracker)
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+  finally:
+    if parent.poll() is None:
+      parent.kill()
+  deadline = time.time() + 10
+  while time.time() < deadline and any(_running(p) for p in workers):
+    time.sleep(0.1)
+  left = [p for p in workers if _running(p)]
+  for pid in left:   # do not leave them behind if the test fails
+    os.kill(pid, signal.SIGKILL)
+  assert not left, f"worker processes {left} outlived the killed trainer"
+
+
+def test_eval_area_is_minus_one_without_annotated_areas(data_dir):
+  batch = next(iter(pipeline.make_eval_batches(_config(data_dir))))
+  assert batch["area"].dtype == np.float32 and batch["area"].shape == batch["labels"].shape
+  np.testing.assert_array_equal(batch["area"], -1.0)
+
+
+def test_skip_warnings_name_the_file(caplog):
+  decode = pipeline._DecodeTrain("test", keep_difficult=True)
+  record = {"image": b"\xff\xd8junk", "image/filename": b"JPEGImages/000042.jpg",
+            "objects": {"bbox": np.zeros((0, 4), np.float32), "label": np.zeros((0,), np.int64)}}
+  with caplog.at_level("WARNING"):
+    decode.map({"index": 5, "record": record})
+  assert "JPEGImages/000042.jpg (record 5)" in caplog.text
+
+
+@pytest.mark.parametrize("size", [0, -4])
+def test_non_positive_batch_sizes_name_the_config_key(data_dir, size):
+  with pytest.raises(ValueError, match=f"config.train.global_batch_size={size}: a batch needs"):
+    pipeline.make_train_iterator(_config(data_dir, global_batch_size=size))
+  c = _config(data_dir)
+  c.eval.batch_size = size
+  with pytest.raises(ValueError, match=f"config.eval.batch_size={size}: a batch needs"):
+    pipeline.make_eval_batches(c)

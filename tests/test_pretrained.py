@@ -1,7 +1,7 @@
 """Tests of the ImageNet VGG16 import: files written here in each source's layout, a NumPy trunk.
 
 The weights are random but VGG16-shaped. fc6/fc7 carry random values only where the decimation
-(REFERENCE.md section 3) must read, and a decoy value elsewhere, so the reference trunk below uses
+(docs/pretrained_weights.md) must read, and a decoy value elsewhere, so the reference trunk below uses
 the random blocks directly and never decimates. The .pth files come from a small zip/pickle writer
 of this file (opcode by opcode, no torch), in PyTorch's zip and legacy layouts.
 """

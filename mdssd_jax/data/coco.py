@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mdssd_jax.data import features
+from mdssd_jax.data import report
 from mdssd_jax.data.voc import OfficialFiles
 
 # The 80 COCO detection categories (category id, name), in id order: label k (1-based) is entry k-1.
@@ -110,25 +111,23 @@ class MdssdCoco(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, manual_dir, split):
     annotation_file, image_folder = _SPLITS[split]
+    prepare_report = report.for_builder(self)
     files = _files(manual_dir)
     try:
       data = json.loads(files.read(annotation_file))
+      source = files.describe_member(annotation_file)
       _check_categories(data.get("categories", []), annotation_file)
       label_of = {cid: i for i, cid in enumerate(COCO_CATEGORY_IDS)}
       per_image = {}
       for ann in data.get("annotations", []):
         per_image.setdefault(ann["image_id"], []).append(ann)
       for image in data["images"]:
-        width, height = float(image["width"]), float(image["height"])
-        objects = []
-        for ann in per_image.get(image["id"], []):
-          x, y, w, h = ann["bbox"]
-          ymin, xmin, ymax, xmax = np.clip([y / height, x / width, (y + h) / height, (x + w) / width],
-                                           0.0, 1.0)
-          objects.append({"id": ann["id"], "area": ann.get("area", w * h),
-                          "bbox": tfds.features.BBox(ymin, xmin, max(ymax, ymin), max(xmax, xmin)),
-                          "label": label_of[ann["category_id"]],
-                          "is_crowd": bool(ann.get("iscrowd", 0))})
+        try:
+          objects = self._objects(image, per_image.get(image["id"], []), label_of, source,
+                                  lambda what, n: prepare_report.count(split, what, source, n))
+        except report.BadAnnotation as e:
+          prepare_report.bad(split, e)
+          continue
         member = f"{image_folder}/{image['file_name']}"
         if files.find(member) is None:
           raise FileNotFoundError(f"coco/2017 {split}: image {member} of {annotation_file} is in none "
@@ -138,3 +137,29 @@ class MdssdCoco(tfds.core.GeneratorBasedBuilder):
       logging.info("coco/2017 %s: %d images", split, len(data["images"]))
     finally:
       files.close()
+
+  @staticmethod
+  def _objects(image, anns, label_of, source, counts):
+    """TFDS objects of one image; counts(what, n) hears of clipped and inverted boxes."""
+    width, height = float(image.get("width", 0)), float(image.get("height", 0))
+    name = f"image {image['id']} ({image.get('file_name')})"
+    if not (width > 0 and height > 0):
+      raise report.BadAnnotation(source, f"{name} has width {width:g} and height {height:g}",
+                                 "use the official annotation file")
+    objects = []
+    for ann in anns:
+      if ann.get("category_id") not in label_of:
+        raise report.BadAnnotation(
+            source, f"annotation {ann.get('id')} of {name} has category_id "
+            f"{ann.get('category_id')!r}, not one of the 80 COCO categories",
+            "use the official annotation file")
+      x, y, w, h = (float(v) for v in ann["bbox"])
+      raw = np.array([y / height, x / width, (y + h) / height, (x + w) / width])
+      ymin, xmin, ymax, xmax = np.clip(raw, 0.0, 1.0)
+      counts("boxes_clipped", int(np.any((raw < 0) | (raw > 1))))
+      counts("boxes_inverted", int(w < 0 or h < 0))
+      objects.append({"id": ann["id"], "area": ann.get("area", w * h),
+                      "bbox": tfds.features.BBox(ymin, xmin, max(ymax, ymin), max(xmax, xmin)),
+                      "label": label_of[ann["category_id"]],
+                      "is_crowd": bool(ann.get("iscrowd", 0))})
+    return objects

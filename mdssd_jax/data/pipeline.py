@@ -7,8 +7,10 @@ pad -> fixed-size batches with `batch_mask`. Damaged images are skipped and coun
 """
 
 import dataclasses
+import functools
 import logging
 import math
+import os
 
 from absl import flags
 import cv2
@@ -16,8 +18,9 @@ import grain
 import numpy as np
 
 from mdssd_jax.data import augment
+from mdssd_jax import console
+from mdssd_jax.data import orphan_guard
 from mdssd_jax.data import registry
-from mdssd_jax.data import tt100k
 
 # The counters each example carries (as `_stats`) and PipelineStats sums, in this order.
 STAT_NAMES = ("corrupt_images", "boxes_clipped", "degenerate_dropped", "boxes_truncated")
@@ -67,6 +70,23 @@ def decode_image(encoded):
   if image is None or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
     return None
   return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def record_name(record, index):
+  """How warnings name a record: its image file (image/filename), else its index in the split."""
+  name = record.get("image/filename") if hasattr(record, "get") else None
+  if isinstance(name, (bytes, np.bytes_)):
+    name = bytes(name).decode("utf-8", "replace")
+  return f"{name} (record {index})" if name else f"record {index}"
+
+
+def record_area(record, count):
+  """The objects' annotated areas in pixels of the original image (COCO's `area`: the segment's
+  area, which COCO's small/medium/large buckets use), float32 (N,); -1 where the data set has none."""
+  area = record["objects"].get("area") if hasattr(record["objects"], "get") else None
+  if area is None:
+    return np.full((count,), -1.0, np.float32)
+  return np.asarray(area, np.float32).reshape(count)
 
 
 def record_objects(record):
@@ -138,13 +158,18 @@ class _DecodeTrain(grain.transforms.Map):
     self._dataset_name = dataset_name
     self._keep_difficult = bool(keep_difficult)
     self._pending_corrupt = 0
+    self._parent_pid = os.getpid()   # the process that builds the pipeline
 
   def map(self, element):
+    # In a Grain worker process: end with the trainer, even when it is killed with kill -9, and
+    # log as quietly as the command that started it.
+    if orphan_guard.watch_parent(self._parent_pid):
+      console.configure_worker()
     index, record = element["index"], element["record"]
     image = decode_image(record["image"])
     if image is None:
-      logging.warning("%s: record %d has an image that cannot be decoded; skipped",
-                      self._dataset_name, index)
+      logging.warning("%s: the image %s cannot be decoded (damaged or truncated file); skipped",
+                      self._dataset_name, record_name(record, index))
       self._pending_corrupt += 1
       return {"_corrupt": True}
     boxes, labels, difficult, crowd = record_objects(record)
@@ -163,21 +188,20 @@ class _NotCorrupt(grain.transforms.Filter):
 
 
 class _AugmentAndPad(grain.transforms.RandomMap):
-  """[Full-resolution crop] -> augment.train_transform -> pad; `rng` is Grain's per-record generator."""
+  """[The data set's own crop] -> augment.train_transform -> pad; `rng` is Grain's per-record
+  generator. train_crop: registry.DatasetInfo.train_crop (None for most data sets)."""
 
-  def __init__(self, aug_cfg, size_px, max_boxes, crop_size_px, crop_on_object_prob, fill_rgb):
+  def __init__(self, aug_cfg, size_px, max_boxes, train_crop, fill_rgb):
     self._aug_cfg = aug_cfg
     self._size_px = int(size_px)
     self._max_boxes = int(max_boxes)
-    self._crop_size_px = int(crop_size_px)
-    self._crop_on_object_prob = float(crop_on_object_prob)
+    self._train_crop = train_crop
     self._fill_rgb = tuple(fill_rgb)
 
   def random_map(self, element, rng):
     image, boxes, labels = element["image"], element["boxes"], element["labels"]
-    if self._crop_size_px > 0:
-      image, boxes, labels = tt100k.train_crop(image, boxes, labels, rng, self._crop_size_px,
-                                               self._crop_on_object_prob)
+    if self._train_crop is not None:
+      image, boxes, labels = self._train_crop(image, boxes, labels, rng)
     image, boxes, labels = augment.train_transform(image, boxes, labels, rng, self._aug_cfg,
                                                    self._size_px, fill_rgb=self._fill_rgb)
     boxes, labels, _, num_degenerate = clip_and_drop_degenerate(boxes, labels)
@@ -230,6 +254,9 @@ def _allow_grain_workers():
 
 
 def _local_batch_size(global_batch_size, process_count, what):
+  if int(global_batch_size) < 1:
+    raise ValueError(f"{what}={global_batch_size}: a batch needs at least one image; set a positive "
+                     f"multiple of the {process_count} process(es)")
   if global_batch_size % process_count:
     raise ValueError(f"{what}={global_batch_size} is not divisible by the {process_count} processes; "
                      f"choose a multiple of {process_count}")
@@ -256,8 +283,8 @@ def make_train_iterator(config, process_index=0, process_count=1):
   operations = [
       _DecodeTrain(info.name, data_cfg.keep_difficult),
       _NotCorrupt(),
-      _AugmentAndPad(config.augment.to_dict(), config.model.input_size_px, data_cfg.max_boxes,
-                     info.train_crop_size_px, info.crop_on_object_prob,
+      _AugmentAndPad(augment.resolve_flip_labels(config.augment.to_dict(), info.class_names),
+                     config.model.input_size_px, data_cfg.max_boxes, info.train_crop,
                      augment.fill_rgb_from_pixel_convention(config.model.pixel)),
       grain.transforms.Batch(batch_size=batch_size, drop_remainder=True),
   ]
@@ -298,6 +325,7 @@ class _EvalExample(grain.transforms.Map):
     padded, _ = pad_boxes(np.zeros((0, 4)), np.zeros((0,), np.int32), self._max_boxes,
                           np.zeros((0,), bool))
     out = dict(padded, image=np.zeros((self._size_px, self._size_px, 3), np.uint8),
+               area=np.full((self._max_boxes,), -1.0, np.float32),
                image_id=np.int64(-1), orig_size=np.zeros((2,), np.int32), batch_mask=np.bool_(False),
                _stats=np.array([int(corrupt), 0, 0, 0], np.int64))
     if self._with_original_images:
@@ -311,14 +339,18 @@ class _EvalExample(grain.transforms.Map):
     record = self._source[position]
     image = decode_image(record["image"])
     if image is None:
-      logging.warning("%s: eval record %d has an image that cannot be decoded; left out of the "
-                      "evaluation (batch_mask False)", self._dataset_name, position)
+      logging.warning("%s: the eval image %s cannot be decoded (damaged or truncated file); left "
+                      "out of the evaluation (batch_mask False)", self._dataset_name,
+                      record_name(record, position))
       return self._blank(corrupt=True)
     boxes, labels, difficult, crowd = record_objects(record)
-    boxes, labels, difficult, num_clipped, num_degenerate = clip_and_drop_degenerate(
-        boxes, labels, difficult | crowd)  # crowd regions are ignored like difficult boxes
+    area = record_area(record, len(labels))
+    boxes, labels, difficult, area, num_clipped, num_degenerate = clip_and_drop_degenerate(
+        boxes, labels, difficult | crowd, area)  # crowd regions are ignored like difficult boxes
     padded, num_truncated = pad_boxes(boxes, labels, self._max_boxes, difficult)
     assert num_truncated == 0, "eval max_boxes is the split's largest object count"
+    padded["area"] = np.full((self._max_boxes,), -1.0, np.float32)
+    padded["area"][:len(area)] = area
     out = dict(padded, image=augment.eval_transform(image, self._size_px),
                image_id=np.int64(position), orig_size=np.array(image.shape[:2], np.int32),
                batch_mask=np.bool_(True), _stats=np.array([0, num_clipped, num_degenerate, 0], np.int64))
@@ -340,11 +372,14 @@ class EvalBatches:
   """This process's eval batches, deterministic and of fixed shapes; iterate as often as needed.
 
   Every process yields `num_batches` batches (the same number, so that collective ops line up);
-  process i's examples are the i-th contiguous slice of the split (the first config.eval.max_images
+  process i's examples are the i-th contiguous slice of the split (the first max_images
   records when that is > 0); the slices together cover it exactly once. A batch holds:
     image uint8 (B, S, S, 3), the whole image warped to S x S;
     boxes float32 (B, M, 4) xyxy normalised to the original image; labels int32 (B, M) (0 = padding);
     difficult bool (B, M) (VOC difficult or COCO crowd: ignored by the evaluators);
+    area float32 (B, M) the annotated object area in pixels of the original image (COCO's `area`,
+      which its small/medium/large buckets use); -1 where the data set has none (use the box area)
+      and for padding;
     image_id int64 (B,) index in the split, -1 for padding; orig_size int32 (B, 2) (height, width);
     batch_mask bool (B,) False for padding (and for an image that cannot be decoded);
     original_image: list of B uint8 (H, W, 3) arrays (None for padding), with with_original_images.
@@ -352,18 +387,21 @@ class EvalBatches:
   """
 
   def __init__(self, config, split=None, process_index=0, process_count=1,
-               with_original_images=False):
+               with_original_images=False, max_images=0):
     data_cfg = config.data
     self.info = registry.get_dataset(data_cfg)
     self.split = split or data_cfg.eval_split
     self.batch_size = int(config.eval.batch_size)
+    if self.batch_size < 1:
+      raise ValueError(f"config.eval.batch_size={self.batch_size}: a batch needs at least one image; "
+                       "set a positive number")
     self._num_workers = int(data_cfg.num_workers)
     self._size_px = int(config.model.input_size_px)
     self._with_original_images = with_original_images
     self._source = registry.open_split(self.info, data_cfg.data_dir, self.split, for_eval=True)
     total = len(self._source)
-    if config.eval.max_images > 0:
-      total = min(total, int(config.eval.max_images))
+    if max_images > 0:
+      total = min(total, int(max_images))
     self.num_split_examples = total
     per_process = math.ceil(total / process_count)
     self._start = min(process_index * per_process, total)
@@ -391,7 +429,9 @@ class EvalBatches:
     if self._num_workers > 0:
       _allow_grain_workers()
       dataset = dataset.to_iter_dataset().mp_prefetch(
-          grain.MultiprocessingOptions(num_workers=self._num_workers))
+          grain.MultiprocessingOptions(num_workers=self._num_workers),
+          # The workers end with this process, even when it is killed with kill -9.
+          worker_init_fn=functools.partial(orphan_guard.worker_init_fn, os.getpid()))
     for batch in dataset:
       stats = batch.pop("_stats")
       self.stats.add(stats, examples=int(np.sum(batch["batch_mask"])))
@@ -399,6 +439,7 @@ class EvalBatches:
 
 
 def make_eval_batches(config, split=None, process_index=0, process_count=1,
-                      with_original_images=False):
-  """EvalBatches of config.eval.batch_size over `split` (default config.data.eval_split)."""
-  return EvalBatches(config, split, process_index, process_count, with_original_images)
+                      with_original_images=False, max_images=0):
+  """EvalBatches of config.eval.batch_size over `split` (default config.data.eval_split), of its
+  first `max_images` records (0 = all; an evaluator's config.evals.<name>.max_images)."""
+  return EvalBatches(config, split, process_index, process_count, with_original_images, max_images)

@@ -5,19 +5,25 @@ config.data.data_dir. Add one with `register(name, factory)`: factory(data_cfg) 
 """
 
 import bisect
+import contextlib
 import dataclasses
+import fcntl
 import logging
 import os
+import shutil
 from typing import Callable, Mapping, Optional, Sequence
 
 import tensorflow_datasets as tfds
 
 from mdssd_jax.data import coco
+from mdssd_jax.data import report
 from mdssd_jax.data import synthetic
 from mdssd_jax.data import tt100k
 from mdssd_jax.data import voc
 
 FILE_FORMAT = "array_record"   # Grain needs random access: tfds.data_source reads array_record only
+LOCK_FILE = ".prepare.lock"    # in <data_dir>/<name>/<config>/ while a process prepares it
+INCOMPLETE_PREFIX = "incomplete."   # TFDS builds in <config>/incomplete.XXXXXX_<version>/, then renames
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,8 +45,11 @@ class DatasetInfo:
   class_names[k] is the name of label k + 1 (label 0 = background / padding).
   train_parts / eval_parts: indices into `parts` read for training / evaluation (voc/2007+2012
   trains on both years, evaluates on 2007 only). split_aliases: e.g. "trainval" -> "train+validation".
-  label_to_category_id: COCO: our label -> the data set's category id. train_crop_size_px > 0: take
-  square crops of that many pixels at full resolution before augmenting (TT100K).
+  label_to_category_id: COCO: our label -> the data set's category id.
+  train_crop: the data set's own step before the augmentation, or None: a picklable callable
+  (image uint8 (H, W, 3), boxes_xyxy (N, 4) normalised, labels (N,), rng) -> the same three (TT100K:
+  square crops at full resolution, see tt100k.train_crop); train_crop_size_px and
+  crop_on_object_prob say how it was set up, for messages and tests.
   auto_prepare: built on first use (generated, cheap) instead of asking for --mode=prepare.
   """
   name: str
@@ -50,6 +59,7 @@ class DatasetInfo:
   eval_parts: Sequence[int] = (0,)
   split_aliases: Mapping[str, str] = dataclasses.field(default_factory=dict)
   label_to_category_id: Optional[Mapping[int, int]] = None
+  train_crop: Optional[Callable] = None
   train_crop_size_px: int = 0
   crop_on_object_prob: float = 0.0
   auto_prepare: bool = False
@@ -131,6 +141,7 @@ def _tt100k(data_cfg):
   part = Part(f"tt100k/{builder_config.name}", _builder(tt100k.Tt100k, builder_config),
               tt100k.missing_files_message)
   return DatasetInfo(name="tt100k", class_names=list(builder_config.classes), parts=(part,),
+                     train_crop=tt100k.make_train_crop(cfg.train_crop_size_px, cfg.crop_on_object_prob),
                      train_crop_size_px=int(cfg.train_crop_size_px),
                      crop_on_object_prob=float(cfg.crop_on_object_prob),
                      needs="annotations.json + train/ + test/ (TT100K's data/ folder)")
@@ -173,22 +184,90 @@ def default_manual_dir(data_dir):
   return os.path.join(root, "downloads", "manual")
 
 
-def prepare_part(part, data_dir, manual_dir):
-  """Builds one part in array_record format (a no-op when it is prepared); returns the builder."""
+def _fresh_builder(part, data_dir, builder):
+  """A new builder instance in place of a cached one whose info predates the data on disk."""
+  for key, cached in list(_BUILDERS.items()):
+    if cached is builder:
+      del _BUILDERS[key]
+  return part.make_builder(data_dir)
+
+
+@contextlib.contextmanager
+def _prepare_lock(builder):
+  """Holds an exclusive lock on the builder config's folder while one process prepares it.
+
+  Yields True when locked. The kernel releases the lock when its process dies, even by kill -9, so
+  an `incomplete.*` folder found while holding the lock was left by a process that is gone. Where
+  locks are unavailable (object stores, some network file systems) it yields False and nothing is
+  cleaned up.
+  """
+  folder = os.fspath(builder.data_path.parent)   # <data_dir>/<name>/<config>/
+  if "://" in folder:
+    yield False
+    return
+  try:
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(os.path.join(folder, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+  except OSError as e:
+    logging.warning("cannot create the prepare lock in %s (%s): preparing without it", folder, e)
+    yield False
+    return
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as e:
+      logging.warning("cannot lock %s (%s): preparing without the lock", folder, e)
+      yield False
+      return
+    yield True
+  finally:
+    os.close(fd)   # releases the lock
+
+
+def _remove_stale_incomplete(builder):
+  """Deletes the `incomplete.*` folders TFDS left in the config folder when a prepare was killed."""
+  folder = os.fspath(builder.data_path.parent)
+  stale = sorted(n for n in os.listdir(folder) if n.startswith(INCOMPLETE_PREFIX)
+                 and os.path.isdir(os.path.join(folder, n)))
+  for name in stale:
+    shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+  if stale:
+    logging.warning("removed %d unfinished folder(s) of an interrupted prepare in %s: %s",
+                    len(stale), folder, ", ".join(stale))
+  return stale
+
+
+def prepare_part(part, data_dir, manual_dir, bad_annotations="error"):
+  """Builds one part in array_record format (a no-op when it is prepared); returns the builder.
+
+  One process prepares a part at a time (a lock in its folder); leftovers of a killed prepare are
+  removed first. What the builder repaired or skipped goes to report.REPORT_FILE in the prepared
+  folder; `bad_annotations` ("error" | "skip") is config.data.bad_annotations.
+  """
+  report.check_policy(bad_annotations)
   builder = part.make_builder(data_dir)
   if builder.is_prepared():
     return builder
   message = part.missing_files(manual_dir)
   if message:
     raise FileNotFoundError(message)
-  logging.info("preparing %s in %s", part.tfds_name, builder.data_dir)
-  try:
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir or None))
-  except Exception:
-    # Another process may have prepared the same data concurrently (shared data_dir).
-    if not part.make_builder(data_dir).is_prepared():
-      raise
+  with _prepare_lock(builder) as locked:
+    if builder.is_prepared():   # another process prepared it while this one waited for the lock
+      return _fresh_builder(part, data_dir, builder)
+    if locked:
+      _remove_stale_incomplete(builder)
+    logging.info("preparing %s in %s", part.tfds_name, builder.data_dir)
+    builder.prepare_report = report.PrepareReport(bad_annotations)
+    try:
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir or None))
+    except Exception:
+      # Without the lock, another process may have prepared the same data concurrently.
+      if not builder.is_prepared():
+        raise
+      return _fresh_builder(part, data_dir, builder)
+    examples = {name: split.num_examples for name, split in builder.info.splits.items()}
+    report.write(builder.data_path, builder.prepare_report.as_dict(part.tfds_name, examples))
   return part.make_builder(data_dir)
 
 

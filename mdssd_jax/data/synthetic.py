@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mdssd_jax.data import features
+from mdssd_jax.data import orphan_guard
 
 # Shapes that carry a class label, in label order (label 1 = the first). They differ in outline,
 # not in colour, so a detector must see the shape: at a few pixels that needs resolution.
@@ -319,7 +320,10 @@ def _examples(spec, split, count):
     return
   # "spawn": the caller has TF / JAX threads running, which a fork would copy in a broken state.
   context = multiprocessing.get_context("spawn")
-  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+  # initializer: the workers end with this process, even when it is killed with kill -9.
+  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context,
+                                              initializer=orphan_guard.watch_parent,
+                                              initargs=(os.getpid(),)) as pool:
     examples = pool.map(_example, [spec] * count, [split] * count, range(count), chunksize=16)
     yield from enumerate(examples)
 

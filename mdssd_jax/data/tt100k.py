@@ -6,9 +6,9 @@ takes crops at the image's own resolution (`train_crop`) instead of shrinking th
 """
 
 import dataclasses
+import functools
 import hashlib
 import json
-import logging
 import os
 
 import numpy as np
@@ -16,8 +16,9 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from mdssd_jax.data import features
+from mdssd_jax.data import report
 
-# The customary 45 classes (REFERENCE.md section 4): those with at least 100 instances.
+# The customary 45 classes (docs/data_formats.md): those with at least 100 instances in TT100K.
 TT100K_45_CLASSES = (
     "i2", "i4", "i5", "il100", "il60", "il80", "io", "ip", "p10", "p11", "p12", "p19", "p23", "p26",
     "p27", "p3", "p5", "p6", "pg", "ph4", "ph4.5", "ph5", "pl100", "pl120", "pl20", "pl30", "pl40",
@@ -109,41 +110,65 @@ class Tt100k(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, root, annotations, split):
     label_of = {name: i for i, name in enumerate(self.builder_config.classes)}
-    dropped_other, unreadable = 0, []
+    prepare_report = report.for_builder(self)
+    source = os.path.join(root, ANNOTATIONS_FILE)
     for image_id in sorted(annotations["imgs"], key=str):
       entry = annotations["imgs"][image_id]
       path = entry["path"]
       if path.split("/")[0] != split:
         continue
-      size = _image_size(os.path.join(root, path))
-      if size is None:
-        unreadable.append(path)  # no header, no size to normalise boxes with: skipped (logged)
+      counts = lambda what, n, path=path: prepare_report.count(split, what, path, n)
+      try:
+        size = _image_size(os.path.join(root, path))
+        if size is None:   # no header, no size to normalise the boxes with
+          raise report.BadAnnotation(os.path.join(root, path), "the image's header cannot be read",
+                                     "restore the file from the official archive")
+        objects = _objects(entry, size, label_of, f"{source} (image {image_id})", counts)
+      except report.BadAnnotation as e:
+        prepare_report.bad(split, e)
         continue
-      width, height = size
-      objects = []
-      for obj in entry.get("objects", []):
-        if obj["category"] not in label_of:
-          dropped_other += 1
-          continue
-        b = obj["bbox"]
-        ymin, xmin, ymax, xmax = np.clip([b["ymin"] / height, b["xmin"] / width, b["ymax"] / height,
-                                          b["xmax"] / width], 0.0, 1.0)
-        if ymax <= ymin or xmax <= xmin:
-          continue  # degenerate after clipping: no box to learn or evaluate
-        objects.append({"bbox": tfds.features.BBox(ymin, xmin, ymax, xmax),
-                        "label": label_of[obj["category"]], "is_difficult": False})
       with open(os.path.join(root, path), "rb") as f:
         encoded = f.read()
       # Bytes as they are: a damaged JPEG is stored and skipped (counted) by the input pipeline.
       yield str(image_id), {"image": encoded, "image/filename": path, "objects": objects}
-    logging.info("tt100k %s: dropped %d signs of classes outside the %d chosen", split, dropped_other,
-                 len(label_of))
-    if unreadable:
-      logging.warning("tt100k %s: skipped %d images whose header cannot be read: %s", split,
-                      len(unreadable), ", ".join(unreadable[:10]))
+
+
+def _objects(entry, size, label_of, where, counts):
+  """TFDS objects of one image entry of annotations.json; counts(what, n) hears of every repair."""
+  width, height = size
+  objects = []
+  for k, obj in enumerate(entry.get("objects", [])):
+    try:
+      category, b = obj["category"], obj["bbox"]
+      xmin, ymin, xmax, ymax = (float(b[key]) for key in ("xmin", "ymin", "xmax", "ymax"))
+    except (KeyError, TypeError, ValueError) as e:
+      raise report.BadAnnotation(where, f"object {k + 1} lacks a category or a numeric bbox ({e!r})",
+                                 "use the official annotations.json") from e
+    if category not in label_of:
+      counts("objects_other_classes", 1)
+      continue
+    raw = np.array([ymin / height, xmin / width, ymax / height, xmax / width])
+    ymin_n, xmin_n, ymax_n, xmax_n = np.clip(raw, 0.0, 1.0)
+    counts("boxes_clipped", int(np.any((raw < 0) | (raw > 1))))
+    if ymax_n <= ymin_n or xmax_n <= xmin_n:
+      counts("boxes_degenerate_dropped", 1)   # no box to learn or evaluate
+      continue
+    objects.append({"bbox": tfds.features.BBox(ymin_n, xmin_n, ymax_n, xmax_n),
+                    "label": label_of[category], "is_difficult": False})
+  return objects
 
 
 # ---- training crops at full resolution ------------------------------------------------------------
+
+def make_train_crop(crop_size_px, on_object_prob):
+  """The TT100K entry's registry.DatasetInfo.train_crop: train_crop with these settings (config.data.
+  tt100k.train_crop_size_px, crop_on_object_prob), or None when crop_size_px <= 0 (whole images)."""
+  crop_size_px = int(crop_size_px)
+  if crop_size_px <= 0:
+    return None
+  return functools.partial(train_crop, crop_size_px=crop_size_px,
+                           on_object_prob=float(on_object_prob))
+
 
 def train_crop(image, boxes_xyxy, labels, rng, crop_size_px, on_object_prob):
   """A crop_size_px square of `image` at its own resolution, usually around a random object.

@@ -9,12 +9,14 @@ one reads the official tar files or the extracted VOCdevkit folders, with TFDS v
 import os
 import tarfile
 import xml.etree.ElementTree as ElementTree
+from xml.parsers import expat
 import zipfile
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from mdssd_jax.data import features
+from mdssd_jax.data import report
 
 VOC_LABELS = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
@@ -67,6 +69,15 @@ class OfficialFiles:
 
   def describe(self):
     return ", ".join(self._folders + [a.path for a in self._archives]) or "(nothing found)"
+
+  def describe_member(self, member):
+    """Where a member is, for messages: a path, "ARCHIVE:member", or the member if it is nowhere."""
+    where = self.find(member)
+    if where is None:
+      return member
+    if isinstance(where, str):
+      return os.path.join(where, member)
+    return f"{where.path}:{member}"
 
   def close(self):
     for archive in self._archives:
@@ -140,23 +151,94 @@ def _year_splits(year):
   return tuple(s for splits in VOC_ARCHIVES[year].values() for s in splits)
 
 
-def parse_annotation(xml_bytes):
-  """One VOC XML annotation -> list of TFDS voc `objects` dicts (boxes clipped to the image)."""
-  root = ElementTree.fromstring(xml_bytes)
+def _element_lines(xml_bytes):
+  """{element path ("annotation/object"): [line of each such element, in document order]}.
+
+  ElementTree keeps no line numbers; expat, which it is built on, reports them while parsing.
+  """
+  parser = expat.ParserCreate()
+  lines, stack = {}, []
+
+  def start(tag, unused_attrs):
+    stack.append(tag)
+    lines.setdefault("/".join(stack), []).append(parser.CurrentLineNumber)
+
+  parser.StartElementHandler = start
+  parser.EndElementHandler = lambda unused_tag: stack.pop()
+  try:
+    parser.Parse(xml_bytes, True)
+  except expat.ExpatError:
+    pass
+  return lines
+
+
+_XML_FIX = "correct the file (it must be the VOC XML of that image) or restore it from the official tar"
+
+
+def parse_annotation(xml_bytes, file="<annotation>", counts=None):
+  """One VOC XML annotation -> list of TFDS voc `objects` dicts, boxes normalised and clipped.
+
+  Args:
+    xml_bytes: the file's contents.
+    file: its name, for messages.
+    counts: optional callable(counter name, n) told of each repair (report.COUNTERS): boxes that
+      reach outside the image are clipped to it ("boxes_clipped"), a box with xmin > xmax or
+      ymin > ymax is stored with zero width or height ("boxes_inverted"; the pipeline drops it).
+  Raises:
+    report.BadAnnotation naming the file, the line (where known) and the fix: XML that does not
+    parse, a missing or non-positive <size>, a box without four numbers, an unknown class name.
+  """
+  try:
+    root = ElementTree.fromstring(xml_bytes)
+  except ElementTree.ParseError as e:
+    raise report.BadAnnotation(file, f"the XML does not parse ({e.msg if hasattr(e, 'msg') else e})",
+                               _XML_FIX, line=e.position[0]) from e
+  lines = _element_lines(xml_bytes)
+  line_of = lambda path, k=0: (lines.get(path) or [None] * (k + 1))[k]
+
+  def number(element, key, where, k=0):
+    node = element.find(key) if element is not None else None
+    text = node.text.strip() if node is not None and node.text else ""
+    try:
+      value = float(text)
+    except ValueError:
+      value = float("nan")
+    if not np.isfinite(value):
+      raise report.BadAnnotation(
+          file, f"<{key}> of {where} is {text!r}, not a number", _XML_FIX,
+          line=line_of(f"{root.tag}/{where}/{key}", k) or line_of(f"{root.tag}/{where}", k))
+    return value
+
   size = root.find("size")
-  width, height = float(size.find("width").text), float(size.find("height").text)
+  width, height = number(size, "width", "size"), number(size, "height", "size")
+  if width <= 0 or height <= 0:
+    raise report.BadAnnotation(
+        file, f"the image size is {width:g} x {height:g} px (<size>); boxes cannot be normalised",
+        "write the JPEG's real width and height into <size>",
+        line=line_of(f"{root.tag}/size/{'width' if width <= 0 else 'height'}"))
   objects = []
-  for obj in root.findall("object"):
+  for k, obj in enumerate(root.findall("object")):
+    obj_line = line_of(f"{root.tag}/object", k)
+    name = obj.find("name")
+    label = name.text.strip().lower() if name is not None and name.text else ""
+    if label not in VOC_LABELS:
+      raise report.BadAnnotation(
+          file, f"object {k + 1} has the class {label!r}, which is not one of the 20 VOC classes",
+          f"use one of {', '.join(VOC_LABELS)}", line=line_of(f"{root.tag}/object/name", k) or obj_line)
     box = obj.find("bndbox")
-    xmin, ymin, xmax, ymax = (float(box.find(k).text) for k in ("xmin", "ymin", "xmax", "ymax"))
-    flag = lambda key: obj.find(key) is not None and obj.find(key).text.strip() == "1"
+    xmin, ymin, xmax, ymax = (number(box, key, "object/bndbox", k)
+                              for key in ("xmin", "ymin", "xmax", "ymax"))
+    flag = lambda key: obj.find(key) is not None and (obj.find(key).text or "").strip() == "1"
     pose = obj.find("pose")
     pose = pose.text.strip().lower() if pose is not None and pose.text else "unspecified"
     # TFDS voc's convention: pixel coordinate / image size (no +1), clipped so BBoxFeature accepts it.
-    ymin_n, xmin_n, ymax_n, xmax_n = np.clip([ymin / height, xmin / width, ymax / height, xmax / width],
-                                             0.0, 1.0)
+    raw = np.array([ymin / height, xmin / width, ymax / height, xmax / width])
+    ymin_n, xmin_n, ymax_n, xmax_n = np.clip(raw, 0.0, 1.0)
+    if counts is not None:
+      counts("boxes_clipped", int(np.any((raw < 0) | (raw > 1))))
+      counts("boxes_inverted", int(xmin > xmax or ymin > ymax))
     objects.append({
-        "label": obj.find("name").text.strip().lower(),
+        "label": label,
         "pose": pose if pose in VOC_POSES else "unspecified",
         "bbox": tfds.features.BBox(ymin_n, xmin_n, max(ymax_n, ymin_n), max(xmax_n, xmin_n)),
         "is_truncated": flag("truncated"),
@@ -205,15 +287,29 @@ class MdssdVoc(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, manual_dir, split):
     year = self.builder_config.year
+    prepare_report = report.for_builder(self)
     files = OfficialFiles(_roots(manual_dir, year))
     try:
       listing = files.read(_member(year, "ImageSets", "Main", _SPLIT_LISTS[split])).decode()
       for image_id in (line.strip() for line in listing.splitlines()):
         if not image_id:
           continue
-        objects = parse_annotation(files.read(_member(year, "Annotations", f"{image_id}.xml")))
+        annotation = _member(year, "Annotations", f"{image_id}.xml")
+        jpeg = _member(year, "JPEGImages", f"{image_id}.jpg")
+        name = files.describe_member(annotation)
+        counts = lambda what, n, name=name: prepare_report.count(split, what, name, n)
+        try:
+          for member in (annotation, jpeg):
+            if files.find(member) is None:
+              raise report.BadAnnotation(
+                  member, f"missing from {files.describe()}, though ImageSets/Main/"
+                  f"{_SPLIT_LISTS[split]} lists {image_id}", "restore it from the official tar")
+          objects = parse_annotation(files.read(annotation), name, counts)
+        except report.BadAnnotation as e:
+          prepare_report.bad(split, e)
+          continue
         yield image_id, {
-            "image": files.read(_member(year, "JPEGImages", f"{image_id}.jpg")),
+            "image": files.read(jpeg),
             "image/filename": f"{image_id}.jpg",
             "objects": objects,
             "labels": sorted({o["label"] for o in objects}),

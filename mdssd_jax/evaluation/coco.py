@@ -57,8 +57,10 @@ def build_ground_truth_dataset(ground_truths: Sequence[Mapping[str, Any]],
 
   Image i gets id i + 1 (or the dict's "image_id"). Each ground truth: boxes (N, 4) pixels xyxy,
   labels (N,) int; optional iscrowd (N,) bool (if absent, "difficult" stands for iscrowd, as the data
-  sets store COCO's crowd flag there), ignore (N,) bool, area (N,) float (default: box area; COCO's
-  own files carry the segmentation's area, which makes small/medium/large differ slightly).
+  sets store COCO's crowd flag there), ignore (N,) bool, area (N,) float in pixels: the annotation's
+  area, which pycocotools' small/medium/large buckets use (COCO's files carry the segmentation's
+  area, smaller than the box's for most objects); where absent or < 0 (the eval batches' -1 for data
+  sets without it), the box's area stands in.
   Categories: every mapped label of label_to_category_id, else every label seen (+ extra_labels).
   """
   images, annotations = [], []
@@ -71,8 +73,12 @@ def build_ground_truth_dataset(ground_truths: Sequence[Mapping[str, Any]],
     crowd = g.get("iscrowd", g.get("difficult"))
     crowd = np.zeros(len(boxes), bool) if crowd is None else np.asarray(crowd, bool).reshape(-1)
     ignore = np.asarray(g["ignore"], bool).reshape(-1) if "ignore" in g else None
-    area = (np.asarray(g["area"], np.float64).reshape(-1) if "area" in g
-            else boxes[:, 2] * boxes[:, 3])
+    area = boxes[:, 2] * boxes[:, 3]
+    if g.get("area") is not None:
+      given = np.asarray(g["area"], np.float64).reshape(-1)
+      if given.shape != area.shape:
+        raise ValueError(f"ground truth {i}: {given.size} areas for {len(area)} boxes")
+      area = np.where(given >= 0, given, area)
     for j in range(len(boxes)):
       labels_seen.add(int(labels[j]))
       ann = {"id": len(annotations) + 1, "image_id": image_id,
@@ -174,6 +180,8 @@ def _per_class(evaluator, label_to_category_id, dataset) -> Dict[int, Dict[str, 
 
 class CocoEvaluator(base.AccumulatingEvaluator):
   """Accumulates per-image predictions and ground truths; runs COCOeval once at the end."""
+
+  HEADLINE = "AP"   # AP at IoU 0.50:0.95
 
   def __init__(self, class_names: Sequence[str],
                label_to_category_id: Optional[Mapping[int, int]] = None,
