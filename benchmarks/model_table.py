@@ -1,6 +1,8 @@
 """Prints a markdown table of the four detectors: parameters, default boxes, forward GFLOPs/image.
 
-    python benchmarks/model_table.py [--configs ssd300_voc,mdssd300_voc] [--batch 1]
+    python -m benchmarks.model_table [--configs ssd300_voc,mdssd300_voc] [--batch 1]
+
+(from the repository root: `-m` puts it on the path, so `configs` and `mdssd_jax` import.)
 
 Shapes come from jax.eval_shape (nothing is allocated); FLOPs from XLA's cost analysis of the
 compiled inference forward pass (XLA counts a multiply-add as 2 FLOPs). Compiling the full-size
@@ -9,16 +11,12 @@ models on a CPU takes a minute or two; no forward pass is run.
 
 import argparse
 import importlib
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
 
-import jax  # pylint: disable=g-import-not-at-top
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
-from mdssd_jax import models  # pylint: disable=g-import-not-at-top
+from mdssd_jax import models
 
 DEFAULT_CONFIGS = ("ssd300_voc", "ssd512_voc", "mdssd300_voc", "mdssd512_voc")
 

@@ -1,6 +1,6 @@
 """SSD default boxes (priors) from a spec of feature maps, steps, sizes and aspect ratios.
 
-The order is the one every public SSD checkpoint assumes (REFERENCE.md section 2): layers finest
+The order is the one every public SSD checkpoint assumes (docs/default_boxes.md): layers finest
 first, cells row-major, and inside a cell: the square of side s_k, the square of side
 sqrt(s_k * s'_k), then for each ratio r the box (s_k*sqrt(r), s_k/sqrt(r)) and its transpose.
 """
@@ -46,7 +46,7 @@ def _check_spec(image_size, feature_sizes, steps, min_sizes, max_sizes, aspect_r
 
 
 def _cell_sizes(image_size, s_min, s_max, ratios):
-  """(boxes per cell, 2) widths and heights of one layer's cell, normalised, in REFERENCE order."""
+  """(boxes per cell, 2) widths and heights of one layer's cell, normalised, in the order above."""
   s_k = s_min / image_size
   s_prime = math.sqrt(s_min * s_max) / image_size
   sizes = [(s_k, s_k), (s_prime, s_prime)]

@@ -1,4 +1,4 @@
-"""Default boxes against a literal loop over REFERENCE.md section 2, plus hand-checked boxes."""
+"""Default boxes against a literal loop over the recipe of docs/default_boxes.md, plus hand-checked boxes."""
 
 import math
 
@@ -20,7 +20,7 @@ SSD512 = dict(image_size=512, feature_sizes=(64, 32, 16, 8, 4, 2, 1),
 
 
 def _reference(image_size, feature_sizes, steps, min_sizes, max_sizes, aspect_ratios, clip=False):
-  """The REFERENCE.md recipe, one box at a time."""
+  """The recipe of docs/default_boxes.md (Caffe SSD's PriorBox), one box at a time."""
   out = []
   for k, f in enumerate(feature_sizes):
     for i in range(f):            # rows (y)

@@ -67,7 +67,7 @@ VGG_CONVS = [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (
              (256, 512), (512, 512), (512, 512), (512, 512), (512, 512), (512, 512)]
 SSD300_EXTRAS = [(1024, 256, 512, 3), (512, 128, 256, 3), (256, 128, 256, 3), (256, 128, 256, 3)]
 SSD512_EXTRAS = SSD300_EXTRAS + [(256, 128, 256, 4)]
-# Deconv kernels of the three Fusion Modules (REFERENCE.md section 1): 300 and 512 input.
+# Deconv kernels of the three Fusion Modules (docs/model.md, "Deconvolution kernels"): 300 and 512 input.
 FUSION_KERNELS = {300: [(3, 2, 3), (2, 3, 2), (3, 2, 3)], 512: [(2, 2, 2)] * 3}
 FUSION_IO = [(256, 512, 256), (512, 256, 512), (1024, 256, 1024)]   # shallow, deep, out channels
 
@@ -379,3 +379,52 @@ def test_common_builders_agree_with_feature_sizes():
     c = common.base_config()
     builder(c)
     assert models.feature_sizes(c) == tuple(c.anchors.feature_sizes)
+
+
+# ---- architecture registry ------------------------------------------------------------------------
+
+def test_unknown_architecture_lists_the_known_ones():
+  c = _config("ssd300")
+  c.model.architecture = "yolo"
+  with pytest.raises(ValueError, match=r"architecture='yolo' is unknown.*\['mdssd', 'ssd'\]"):
+    models.build_model(c)
+
+
+def test_architecture_and_fusions_must_agree():
+  c = _config("mdssd300")
+  c.model.architecture = "ssd"
+  with pytest.raises(ValueError, match="architecture='mdssd'"):
+    models.build_model(c)
+  c = _config("ssd300")
+  c.model.architecture = "mdssd"
+  with pytest.raises(ValueError, match="needs Fusion Blocks"):
+    models.build_model(c)
+
+
+def test_a_registered_builder_is_selected_by_the_config():
+  from mdssd_jax.models import registry, ssd as ssd_lib
+  calls = []
+
+  @registry.register("ssd_for_test")
+  def build(model_cfg, boxes_per_cell):
+    calls.append(tuple(boxes_per_cell))
+    return ssd_lib.build_ssd_module(model_cfg, boxes_per_cell)
+
+  try:
+    c = _config("ssd300")
+    c.model.architecture = "ssd_for_test"
+    model, anchors = models.build_detector(c)
+    assert calls[-1] == (4, 6, 6, 6, 4, 4) and anchors.shape == (8732, 4)
+    assert "ssd_for_test" in models.known_architectures()
+  finally:
+    registry._BUILDERS.pop("ssd_for_test")
+
+
+def test_config_fields_reach_the_module_by_name():
+  """Every SSD field that is a config.model key is taken from the config (one place per setting)."""
+  c = _config("mdssd300", kernels="cpu", remat="blocks", fusion_deconv_init="bilinear",
+              fusion_l2norm_init_scale=7.0, dtype="bfloat16", batch_norm=True)
+  model = models.build_model(c)
+  assert (model.kernels, model.remat, model.fusion_deconv_init, model.fusion_l2norm_init_scale,
+          model.dtype, model.batch_norm) == ("cpu", "blocks", "bilinear", 7.0, jnp.bfloat16, True)
+  assert model.extras == tuple(tuple(e) for e in c.model.extras)

@@ -1,22 +1,24 @@
 """MDSSD's Fusion Block: a deep, semantically strong map upsampled 8x and added to a shallow map.
 
 Upper branch (deep map): three stride-2 transposed convs, each followed by a 3x3 conv, then L2Norm.
-Lower branch (shallow map): a 3x3 conv, then L2Norm. Sum, one 3x3 conv, ReLU (REFERENCE.md s. 1).
+Lower branch (shallow map): a 3x3 conv, then L2Norm. Sum, one 3x3 conv, ReLU (docs/model.md,
+"The Fusion Block"). With batch norm, every conv and deconv of the block is followed by BatchNorm,
+as in DSSD's deconvolution module, so that the block trains from scratch.
 """
 
 import math
-from typing import Any, Sequence, Tuple
+from typing import Any, Tuple
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
+import numpy as np
 
+from mdssd_jax.models import kernels as kernels_lib
 from mdssd_jax.models import vgg
 
-# A stride-2 transposed conv with kernel 2 / padding 0 maps n -> 2n, kernel 3 / padding 1 maps
-# n -> 2n - 1 (PyTorch's padding convention). These two are all the Fusion Block needs.
-DECONV_STRIDE = 2
-DECONV_PADDING = {2: 0, 3: 1}
+DECONV_STRIDE = kernels_lib.DECONV_STRIDE
+DECONV_PADDING = kernels_lib.DECONV_PADDING
+DECONV_INITS = ("xavier", "bilinear")
 
 
 def deconv_kernels(deep_size: int, shallow_size: int, num_steps: int = 3) -> Tuple[int, ...]:
@@ -45,6 +47,42 @@ def deconv_output_size(n: int, kernel: int) -> int:
   return (n - 1) * DECONV_STRIDE - 2 * DECONV_PADDING[kernel] + kernel
 
 
+def interpolation_taps(kernel: int, stride: int = DECONV_STRIDE) -> np.ndarray:
+  """1-D weights (kernel,) that make a stride-`stride` deconv interpolate linearly.
+
+  The tent 1 - |a - centre| / stride, normalised so that the taps reaching each output phase
+  (a mod stride) sum to 1, so a constant input stays constant. Kernel 3 (n -> 2n - 1) gives
+  (0.5, 1, 0.5): every other output copies an input, the ones between average two neighbours,
+  which is exact linear interpolation (FCN's and DSSD's bilinear start). Kernel 2 (n -> 2n) reaches
+  each output from one input only, so the best it can do is nearest-neighbour, (1, 1).
+  """
+  centre = (kernel - 1) / 2
+  taps = np.maximum(0.0, 1.0 - np.abs(np.arange(kernel) - centre) / stride)
+  for phase in range(stride):
+    taps[phase::stride] /= taps[phase::stride].sum()
+  return taps
+
+
+def channel_mixing(in_features: int, out_features: int) -> np.ndarray:
+  """(in, out) matrix that sends a map constant over channels to the same constant.
+
+  Output channel o averages the input channels i with i = o (mod min(in, out)): the identity when
+  in == out, an average of in / out channels when narrowing, a copy when widening.
+  """
+  g = min(in_features, out_features)
+  mix = (np.arange(in_features)[:, None] % g == np.arange(out_features)[None, :] % g).astype(np.float64)
+  return mix / mix.sum(axis=0, keepdims=True)
+
+
+def bilinear_deconv_init(key, shape, dtype=jnp.float32):
+  """Initialiser for a deconv kernel (kh, kw, Cin, Cout): separable linear interpolation taps
+  (`interpolation_taps`) times `channel_mixing`. Symmetric, so flax's flipped layout is the same."""
+  del key   # deterministic
+  kh, kw, cin, cout = shape
+  taps = np.outer(interpolation_taps(kh), interpolation_taps(kw))
+  return jnp.asarray(taps[:, :, None, None] * channel_mixing(cin, cout)[None, None], dtype)
+
+
 class FusionBlock(nn.Module):
   """Fusion Block of MDSSD.
 
@@ -54,8 +92,13 @@ class FusionBlock(nn.Module):
     out_features: channels of the block's output conv (256 / 512 / 1024 in the paper).
     l2norm_scale: initial L2Norm scale of both branches.
     num_deconvs: upsampling steps (3: the maps differ by a factor of 8).
+    batch_norm: BatchNorm after every conv and deconv of the block (the convs then have no bias);
+      statistics in the "batch_stats" collection, running averages when train=False.
+    deconv_init: "xavier" (Glorot uniform, as every fresh layer) or "bilinear"
+      (`bilinear_deconv_init`: the upper branch starts as an interpolating upsampler).
+    kernels: "auto" | "native" | "cpu" | "portable", the deconv implementation (mdssd_jax/models/kernels.py).
     dtype: compute dtype; params float32.
-  Call: shallow (B, H, W, Cs), deep (B, h, w, Cd) -> (B, H, W, out_features), after ReLU.
+  Call: shallow (B, H, W, Cs), deep (B, h, w, Cd), train -> (B, H, W, out_features), after ReLU.
     The deconv kernels are derived per axis from (h, H) and (w, W) with `deconv_kernels`.
 
   ReLU placement (the paper's figure draws none inside the branches): ReLU after the first two
@@ -67,60 +110,67 @@ class FusionBlock(nn.Module):
   out_features: int
   l2norm_scale: float = 20.0
   num_deconvs: int = 3
+  batch_norm: bool = False
+  deconv_init: str = "xavier"
+  kernels: str = "auto"
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, shallow, deep):
-    conv = lambda features, name: nn.Conv(
-        features, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, param_dtype=jnp.float32,
-        kernel_init=vgg.KERNEL_INIT, bias_init=vgg.BIAS_INIT, name=name)
+  def __call__(self, shallow, deep, train: bool = False):
+    if self.deconv_init not in DECONV_INITS:
+      raise ValueError(f"config.model.fusion_deconv_init={self.deconv_init!r} is not one of "
+                       f"{DECONV_INITS}")
+
+    def bn(x, name):
+      if not self.batch_norm:
+        return x
+      return nn.BatchNorm(use_running_average=not train, dtype=self.dtype, param_dtype=jnp.float32,
+                          name=f"{name}_bn")(x)
+
+    def conv(x, features, name):
+      x = nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), use_bias=not self.batch_norm,
+                  dtype=self.dtype, param_dtype=jnp.float32, kernel_init=vgg.KERNEL_INIT,
+                  bias_init=vgg.BIAS_INIT, name=name)(x)
+      return bn(x, name)
 
     kernels_h = deconv_kernels(deep.shape[1], shallow.shape[1], self.num_deconvs)
     kernels_w = deconv_kernels(deep.shape[2], shallow.shape[2], self.num_deconvs)
+    init = bilinear_deconv_init if self.deconv_init == "bilinear" else vgg.KERNEL_INIT
     up = deep.astype(self.dtype)
     for i, (kh, kw) in enumerate(zip(kernels_h, kernels_w)):
-      up = Deconv(self.deconv_features, (kh, kw), dtype=self.dtype, name=f"deconv{i + 1}")(up)
-      up = conv(self.deconv_features, f"deconv{i + 1}_conv")(up)
+      name = f"deconv{i + 1}"
+      up = Deconv(self.deconv_features, (kh, kw), use_bias=not self.batch_norm, kernel_init=init,
+                  kernels=self.kernels, dtype=self.dtype, name=name)(up)
+      up = bn(up, name)
+      up = conv(up, self.deconv_features, f"{name}_conv")
       if i + 1 < self.num_deconvs:
         up = nn.relu(up)
     up = vgg.L2Norm(self.l2norm_scale, dtype=self.dtype, name="deep_norm")(up)
 
-    low = conv(self.deconv_features, "shallow_conv")(shallow.astype(self.dtype))
+    low = conv(shallow.astype(self.dtype), self.deconv_features, "shallow_conv")
     low = vgg.L2Norm(self.l2norm_scale, dtype=self.dtype, name="shallow_norm")(low)
 
-    return nn.relu(conv(self.out_features, "out_conv")(up + low))
+    return nn.relu(conv(up + low, self.out_features, "out_conv"))
 
 
 class Deconv(nn.Module):
   """A stride-2 transposed conv with PyTorch's padding for its kernel (2 -> 0, 3 -> 1).
 
   The same function and parameters as flax's `nn.ConvTranspose` (kernel (kh, kw, Cin, Cout), bias),
-  computed as zero insertion + an ordinary stride-1 conv: XLA:CPU differentiates a conv with
-  lhs dilation (what ConvTranspose lowers to) through a slow path, 3x slower here than this.
+  computed by `kernels.deconv_stride2` in the form that is fastest on the platform.
   """
   features: int
   kernel_size: Tuple[int, int]
+  use_bias: bool = True
+  kernel_init: Any = vgg.KERNEL_INIT
+  kernels: str = "auto"
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    kernel = self.param("kernel", vgg.KERNEL_INIT, tuple(self.kernel_size) + (x.shape[-1], self.features),
-                        jnp.float32)
-    bias = self.param("bias", vgg.BIAS_INIT, (self.features,), jnp.float32)
-    b, h, w, c = x.shape
-    s = DECONV_STRIDE
-    dilated = jnp.zeros((b, (h - 1) * s + 1, (w - 1) * s + 1, c), self.dtype)
-    dilated = dilated.at[:, ::s, ::s, :].set(x.astype(self.dtype))
-    y = jax.lax.conv_general_dilated(dilated, kernel.astype(self.dtype), (1, 1),
-                                     _transpose_padding(self.kernel_size),
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return y + bias.astype(self.dtype)
-
-
-def _transpose_padding(kernel: Sequence[int]):
-  """lax/flax explicit ConvTranspose padding equal to PyTorch's `padding` p: k - 1 - p each side.
-
-  flax pads the stride-dilated input directly, so PyTorch's output (n - 1) * s - 2p + k needs
-  (k - 1 - p) on both sides: kernel 2 -> (1, 1) gives 2n, kernel 3 -> (1, 1) gives 2n - 1.
-  """
-  return [(k - 1 - DECONV_PADDING[k], k - 1 - DECONV_PADDING[k]) for k in kernel]
+    kernel = self.param("kernel", self.kernel_init,
+                        tuple(self.kernel_size) + (x.shape[-1], self.features), jnp.float32)
+    y = kernels_lib.deconv_stride2(x.astype(self.dtype), kernel.astype(self.dtype), self.kernels)
+    if self.use_bias:
+      y = y + self.param("bias", vgg.BIAS_INIT, (self.features,), jnp.float32).astype(self.dtype)
+    return y

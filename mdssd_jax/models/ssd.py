@@ -2,9 +2,13 @@
 
 Everything comes from `config.model` (layers, widths, dtype) and `config.anchors` (boxes per cell);
 the heads' outputs are concatenated in exactly the default-box order of `mdssd_jax.anchors`.
+`config.model.architecture` picks the builder from `mdssd_jax.models.registry`; every field of
+`SSD` whose name is a key of `config.model` is taken from the config, so a new model setting is one
+field here and one config key (docs/model.md, "Adding a model setting").
 """
 
-from typing import Any, Tuple
+import dataclasses
+from typing import Any, Optional, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -34,9 +38,15 @@ class SSD(nn.Module):
     extras: (name, mid, out, kernel, stride, padding) blocks after conv7, giving `<name>_2` maps.
     fusions: (name, shallow source, deep source, out channels) Fusion Blocks, giving `<name>` maps.
     width_multiplier: scales trunk, extra and fusion widths (not the heads' outputs).
-    batch_norm: BatchNorm after every trunk and extra conv ("batch_stats" collection).
+    batch_norm: BatchNorm after every trunk, extra and Fusion Block conv ("batch_stats").
     l2norm_init_scale: initial scale of conv4_3's L2Norm when conv4_3 has a head.
-    fusion_deconv_channels, fusion_l2norm_init_scale: Fusion Block settings (see FusionBlock).
+    fusion_deconv_channels: width of each Fusion Block's deconvs and branch convs: one entry for
+      all blocks, or one per entry of `fusions`.
+    fusion_l2norm_init_scale, fusion_deconv_init: Fusion Block settings (see FusionBlock).
+    fusion_batch_norm: batch norm inside the Fusion Blocks; None = as `batch_norm`.
+    kernels: "auto" | "native" | "cpu" | "portable" deconv / 2x2 pool implementations (models/kernels.py).
+    remat: "none" | "blocks" (each VGG stage and Fusion Block rematerialised), with the
+      jax.checkpoint policy named `remat_policy`.
     dtype: compute dtype (params float32).
   Call: images (B, S, S, 3) float (already normalised), train ->
     loc_preds (B, A, 4) float32 offsets, cls_logits (B, A, C + 1) float32 (class 0 = background),
@@ -50,15 +60,20 @@ class SSD(nn.Module):
   width_multiplier: float = 1.0
   batch_norm: bool = False
   l2norm_init_scale: float = 20.0
-  fusion_deconv_channels: int = 256
+  fusion_deconv_channels: Union[int, Tuple[int, ...]] = (256,)
   fusion_l2norm_init_scale: float = 20.0
+  fusion_deconv_init: str = "xavier"
+  fusion_batch_norm: Optional[bool] = None
+  kernels: str = "auto"
+  remat: str = "none"
+  remat_policy: str = "nothing_saveable"
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, images, train: bool):
     width = lambda c: vgg.scaled_width(c, self.width_multiplier)
-    maps = dict(vgg.VGG16Trunk(self.width_multiplier, self.batch_norm, self.dtype, name="vgg")(
-        images, train))
+    maps = dict(vgg.VGG16Trunk(self.width_multiplier, self.batch_norm, self.dtype, self.kernels,
+                               self.remat, self.remat_policy, name="vgg")(images, train))
 
     x = maps[EXTRAS_INPUT]
     for name, mid, out, kernel, stride, padding in self.extras[:_num_extras_needed(self)]:
@@ -68,10 +83,17 @@ class SSD(nn.Module):
                        batch_norm=self.batch_norm, dtype=self.dtype, name=f"{name}_2")(x, train)
       maps[f"{name}_2"] = x
 
-    for name, shallow, deep, out in self.fusions:
-      maps[name] = fusion_lib.FusionBlock(
-          width(self.fusion_deconv_channels), width(out), self.fusion_l2norm_init_scale,
-          dtype=self.dtype, name=name)(maps[shallow], maps[deep])
+    block = vgg.maybe_remat(fusion_lib.FusionBlock, self.remat, self.remat_policy,
+                            static_argnums=(3,))
+    for (name, shallow, deep, out), deconv_width in zip(self.fusions,
+                                                        fusion_widths(self.fusion_deconv_channels,
+                                                                      len(self.fusions))):
+      maps[name] = block(
+          width(deconv_width), width(out), self.fusion_l2norm_init_scale,
+          batch_norm=(self.batch_norm if self.fusion_batch_norm is None
+                      else bool(self.fusion_batch_norm)),
+          deconv_init=self.fusion_deconv_init, kernels=self.kernels,
+          dtype=self.dtype, name=name)(maps[shallow], maps[deep], train)
 
     locs, logits = [], []
     for source, k in zip(self.head_sources, self.boxes_per_cell):
@@ -90,6 +112,23 @@ class SSD(nn.Module):
                                                                       self.num_classes + 1))
     return (jnp.concatenate(locs, axis=1).astype(jnp.float32),
             jnp.concatenate(logits, axis=1).astype(jnp.float32))
+
+
+def fusion_widths(fusion_deconv_channels, num_fusions: int) -> Tuple[int, ...]:
+  """config.model.fusion_deconv_channels -> one width per fusion.
+
+  An int or a 1-tuple applies to every block; otherwise one entry per entry of config.model.fusions.
+  """
+  if isinstance(fusion_deconv_channels, (int, np.integer)):
+    fusion_deconv_channels = (fusion_deconv_channels,)
+  widths = tuple(int(w) for w in fusion_deconv_channels)
+  if len(widths) == 1 or num_fusions == 0:
+    return widths[:1] * num_fusions
+  if len(widths) != num_fusions:
+    raise ValueError(f"config.model.fusion_deconv_channels={widths} has {len(widths)} entries but "
+                     f"config.model.fusions has {num_fusions} blocks: give one width per block, or "
+                     f"a single width (e.g. (256,)) for all")
+  return widths
 
 
 def _num_extras_needed(model) -> int:
@@ -145,22 +184,65 @@ def build_model(model_cfg, anchors_cfg=None) -> SSD:
   return _build(model_cfg, tuple(anchors_lib.num_boxes_per_cell(r) for r in ratios))
 
 
+# SSD fields that do not come from config.model under their own name.
+_DERIVED_FIELDS = ("boxes_per_cell", "parent", "name")
+
+
+def _freeze(value):
+  """Config values -> hashable module attributes (lists become tuples, NumPy scalars Python)."""
+  if isinstance(value, (list, tuple)):
+    return tuple(_freeze(v) for v in value)
+  if isinstance(value, np.generic):
+    return value.item()
+  return value
+
+
+def module_kwargs(module_cls, model_cfg, **explicit):
+  """Keyword arguments of `module_cls` from `config.model`: every dataclass field whose name is a
+  config key, converted to the field's default type (dtype names to jnp.dtype); `explicit` wins."""
+  kwargs = {}
+  for field in dataclasses.fields(module_cls):
+    if field.name in _DERIVED_FIELDS or field.name in explicit or field.name not in model_cfg:
+      continue
+    value = _freeze(model_cfg[field.name])
+    default = field.default
+    if field.name == "dtype":
+      value = jnp.dtype(value)
+    elif isinstance(default, bool):
+      value = bool(value)
+    elif isinstance(default, float):
+      value = float(value)
+    kwargs[field.name] = value
+  kwargs.update(explicit)
+  return kwargs
+
+
 def _build(model_cfg, boxes_per_cell) -> SSD:
+  # Imported here: the registry imports this module for its builders.
+  from mdssd_jax.models import registry  # pylint: disable=g-import-not-at-top
+  return registry.get_builder(model_cfg.get("architecture", "ssd"))(model_cfg, boxes_per_cell)
+
+
+def check_model_config(model_cfg):
+  """Raises ValueError naming the config key for a value the model cannot be built from."""
   _check_sources(model_cfg)
   if not model_cfg.width_multiplier > 0:
     raise ValueError(f"config.model.width_multiplier must be > 0, got {model_cfg.width_multiplier}")
-  return SSD(
-      num_classes=int(model_cfg.num_classes),
-      head_sources=tuple(model_cfg.head_sources),
-      boxes_per_cell=tuple(int(k) for k in boxes_per_cell),
-      extras=tuple(tuple(e) for e in model_cfg.extras),
-      fusions=tuple(tuple(f) for f in model_cfg.fusions),
-      width_multiplier=float(model_cfg.width_multiplier),
-      batch_norm=bool(model_cfg.batch_norm),
-      l2norm_init_scale=float(model_cfg.l2norm_init_scale),
-      fusion_deconv_channels=int(model_cfg.fusion_deconv_channels),
-      fusion_l2norm_init_scale=float(model_cfg.fusion_l2norm_init_scale),
-      dtype=jnp.dtype(model_cfg.dtype))
+  fusion_widths(_freeze(model_cfg.get("fusion_deconv_channels", (256,))), len(model_cfg.fusions))
+  from mdssd_jax.models import kernels as kernels_lib  # pylint: disable=g-import-not-at-top
+  kernels_lib.check_choice(model_cfg.get("kernels", "auto"))
+  vgg.maybe_remat(lambda: None, model_cfg.get("remat", "none"),
+                  model_cfg.get("remat_policy", "nothing_saveable"))
+  init = model_cfg.get("fusion_deconv_init", "xavier")
+  if init not in fusion_lib.DECONV_INITS:
+    raise ValueError(f"config.model.fusion_deconv_init={init!r} is not one of "
+                     f"{fusion_lib.DECONV_INITS}")
+
+
+def build_ssd_module(model_cfg, boxes_per_cell) -> SSD:
+  """An `SSD` from a checked `config.model` and the boxes per cell of each head."""
+  check_model_config(model_cfg)
+  return SSD(**module_kwargs(SSD, model_cfg, boxes_per_cell=tuple(int(k) for k in boxes_per_cell)))
 
 
 def abstract_forward(model: SSD, image_size: int, batch_size: int = 1):

@@ -1,4 +1,4 @@
-"""The VGG16 "reduced fc" trunk of SSD and the L2Norm layer (REFERENCE.md section 3).
+"""The VGG16 "reduced fc" trunk of SSD and the L2Norm layer (docs/model.md, "The VGG16 trunk").
 
 conv1_1 .. conv5_3, pool3 rounding up, pool5 3x3/1, fc6 as a dilated 3x3 conv, fc7 as a 1x1 conv.
 The trunk returns its named maps so SSD heads and MDSSD Fusion Blocks can pick what they need.
@@ -11,7 +11,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-# VGG16 configuration "D": the conv widths of each stage (REFERENCE.md section 3).
+from mdssd_jax.models import kernels as kernels_lib
+
+# VGG16 configuration "D" (Simonyan & Zisserman, table 1): the conv widths of each stage.
 VGG16_STAGES = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
 FC6_CHANNELS = 1024
 FC7_CHANNELS = 1024
@@ -29,31 +31,36 @@ def scaled_width(channels: int, width_multiplier: float) -> int:
   return max(1, int(math.floor(channels * width_multiplier + 0.5)))
 
 
+REMAT_CHOICES = ("none", "blocks")
+
+
+def remat_policy(name: str):
+  """The `jax.checkpoint_policies` entry called `name` (config.model.remat_policy)."""
+  policy = getattr(jax.checkpoint_policies, name, None)
+  if not isinstance(name, str) or name.startswith("_") or not callable(policy):
+    known = sorted(n for n in dir(jax.checkpoint_policies) if not n.startswith("_")
+                   and n.endswith(("saveable", "saveable_and_offloadable")))
+    raise ValueError(f"config.model.remat_policy={name!r} is not a jax.checkpoint_policies name; "
+                     f"known: {known}")
+  return policy
+
+
+def maybe_remat(fn, remat: str, policy: str, static_argnums=()):
+  """fn itself (remat "none") or flax's lifted jax.checkpoint of it with the named policy (remat
+  "blocks"): the block's inputs are kept for the backward pass and what the policy does not save
+  inside it is recomputed. fn is a Module class or a function taking a Module first."""
+  if remat not in REMAT_CHOICES:
+    raise ValueError(f"config.model.remat={remat!r} is not one of {REMAT_CHOICES}")
+  if remat == "none":
+    return fn
+  return nn.remat(fn, policy=remat_policy(policy), static_argnums=static_argnums)
+
+
 def trunk_layer_names() -> Tuple[str, ...]:
   """Names of the trunk's convs in order: conv1_1 .. conv5_3, conv6, conv7 (the params' keys)."""
   names = [f"conv{s + 1}_{i + 1}" for s, widths in enumerate(VGG16_STAGES)
            for i in range(len(widths))]
   return tuple(names) + ("conv6", "conv7")
-
-
-def max_pool_2x2(x, ceil_mode: bool):
-  """2x2 stride-2 max pool on (B, H, W, C); ceil_mode pads bottom/right so odd sizes round up.
-
-  The window's winner is chosen with argmax and picked out with a one-hot product, so the gradient
-  is a plain elementwise product: XLA:CPU runs it 2x faster than reduce_window's select-and-scatter.
-  (A reshape + max is faster still, but its gradient divides by the count of elements equal to the
-  max, which is 0/0 = NaN whenever the compiler recomputes the map with different rounding.)
-  """
-  b, h, w, c = x.shape
-  if ceil_mode:   # pad with the lowest value, so the padded row/column never wins
-    x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), constant_values=jnp.finfo(x.dtype).min)
-  else:
-    x = x[:, :h - h % 2, :w - w % 2, :]
-  b, h, w, c = x.shape
-  windows = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 5, 2, 4).reshape(
-      b, h // 2, w // 2, c, 4)
-  winner = jax.lax.stop_gradient(jax.nn.one_hot(jnp.argmax(windows, axis=-1), 4, dtype=x.dtype))
-  return jnp.sum(windows * winner, axis=-1)
 
 
 class L2Norm(nn.Module):
@@ -111,15 +118,21 @@ class VGG16Trunk(nn.Module):
     width_multiplier: scales every conv width (1.0 = VGG16; ImageNet weights need 1.0).
     batch_norm: BatchNorm after every conv (for training from scratch).
     dtype: compute dtype; params stay float32.
+    kernels: "auto" | "native" | "cpu" | "portable", the 2x2 max pool's implementation (models/kernels.py).
+    remat: "none" | "blocks": with "blocks" each stage (pool + convs, and pool5 + conv6 + conv7)
+      is rematerialised in the backward pass with the jax.checkpoint policy `remat_policy`.
   Call: images (B, S, S, 3) float, train -> dict of maps (B, h, w, c) in `dtype`:
     conv1_2 .. conv5_3 (each stage's last conv, after ReLU), pool5, conv7 (fc7, after ReLU).
     At S=300: conv3_3 75, conv4_3 38, conv5_3 19, conv7 19; at S=512: 128, 64, 32, 32.
   Params: one submodule per conv, named as `trunk_layer_names()`, each {"conv": {kernel, bias}}
-    (+ {"bn": ...} with batch norm).
+    (+ {"bn": ...} with batch norm); the same names with and without remat.
   """
   width_multiplier: float = 1.0
   batch_norm: bool = False
   dtype: Any = jnp.float32
+  kernels: str = "auto"
+  remat: str = "none"
+  remat_policy: str = "nothing_saveable"
 
   @nn.compact
   def __call__(self, images, train: bool) -> Dict[str, jax.Array]:
@@ -127,22 +140,31 @@ class VGG16Trunk(nn.Module):
       return ConvReLU(scaled_width(features, self.width_multiplier), batch_norm=self.batch_norm,
                       dtype=self.dtype, name=name, **kw)
 
+    def stage_fn(stage, widths):
+      def run(module, x, train):
+        del module   # the lifted scope; the units below attach to it by name
+        if stage > 1:
+          x = kernels_lib.max_pool_2x2(x, (stage - 1) in CEIL_POOLS, self.kernels)
+        for i, features in enumerate(widths):
+          x = unit(f"conv{stage}_{i + 1}", features)(x, train)
+        return x
+      return run
+
+    def fc_fn(module, x, train):
+      del module
+      # pool5: 3x3 stride 1 pad 1 keeps the size, so fc6 can be dilated instead of strided.
+      pool5 = nn.max_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)))
+      x = unit("conv6", FC6_CHANNELS, kernel_size=3, padding=FC6_DILATION,
+               dilation=FC6_DILATION)(pool5, train)
+      return pool5, unit("conv7", FC7_CHANNELS, kernel_size=1, padding=0)(x, train)
+
+    block = lambda fn: maybe_remat(fn, self.remat, self.remat_policy, static_argnums=(2,))
     maps = {}
     x = images.astype(self.dtype)
     for s, widths in enumerate(VGG16_STAGES):
-      stage = s + 1
-      if stage > 1:
-        x = max_pool_2x2(x, ceil_mode=(stage - 1) in CEIL_POOLS)
-      for i, features in enumerate(widths):
-        x = unit(f"conv{stage}_{i + 1}", features)(x, train)
-      maps[f"conv{stage}_{len(widths)}"] = x
-    # pool5: 3x3 stride 1 pad 1 keeps the size, so fc6 can be dilated instead of strided.
-    x = nn.max_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)))
-    maps["pool5"] = x
-    x = unit("conv6", FC6_CHANNELS, kernel_size=3, padding=FC6_DILATION,
-             dilation=FC6_DILATION)(x, train)
-    x = unit("conv7", FC7_CHANNELS, kernel_size=1, padding=0)(x, train)
-    maps["conv7"] = x
+      x = block(stage_fn(s + 1, widths))(self, x, train)
+      maps[f"conv{s + 1}_{len(widths)}"] = x
+    maps["pool5"], maps["conv7"] = block(fc_fn)(self, x, train)
     return maps
 
 

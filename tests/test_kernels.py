@@ -1,0 +1,216 @@
+"""Backend-aware kernels, lowering for GPU/TPU from this CPU machine, and rematerialisation.
+
+- Every kernel variant ("cpu", "native", "auto") computes the same outputs and gradients from the
+  same parameters: the deconv against PyTorch's scatter-add definition written here in NumPy, the
+  pool against a NumPy window maximum, the variants against each other.
+- `jax.export` lowers a tiny MDSSD forward + backward for "cuda" and "tpu": no scatter op in the
+  program (the pool's gradient is select_and_scatter, the native max-pool gradient, and allowed).
+- remat="blocks" gives the same loss and gradients as remat="none".
+Tolerance: float32, |difference| <= 1e-5 x the largest magnitude for single ops and 1e-4 for the
+whole model (conv algorithms sum in different orders); remat is compared at 1e-6.
+"""
+
+import collections
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny_mdssd
+from mdssd_jax import models
+from mdssd_jax.models import kernels
+
+VARIANTS = ("cpu", "native", "auto")
+
+
+def np_deconv_torch(x, w_torch, pads):
+  """PyTorch ConvTranspose2d, stride 2: out[2i + a - p] += x[i] @ w[a]."""
+  batch, h, wd, _ = x.shape
+  kh, kw, _, cout = w_torch.shape
+  full = np.zeros((batch, 2 * (h - 1) + kh, 2 * (wd - 1) + kw, cout))
+  for a in range(kh):
+    for c in range(kw):
+      full[:, a:a + 2 * (h - 1) + 1:2, c:c + 2 * (wd - 1) + 1:2] += x @ w_torch[a, c]
+  return full[:, pads[0]:full.shape[1] - pads[0], pads[1]:full.shape[2] - pads[1]]
+
+
+def np_max_pool(x, ceil_mode):
+  b, h, w, c = x.shape
+  ho, wo = ((h + 1) // 2, (w + 1) // 2) if ceil_mode else (h // 2, w // 2)
+  out = np.empty((b, ho, wo, c))
+  for i in range(ho):
+    for j in range(wo):
+      out[:, i, j] = x[:, 2 * i:2 * i + 2, 2 * j:2 * j + 2].max(axis=(1, 2))
+  return out
+
+
+def close(a, b, tol):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  assert a.shape == b.shape
+  np.testing.assert_allclose(a, b, rtol=0, atol=tol * max(1e-30, np.abs(b).max()))
+
+
+@pytest.mark.parametrize("kernel_size", [(2, 2), (3, 3), (3, 2)])
+def test_deconv_variants_agree_with_numpy_and_each_other(kernel_size):
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 5, 4, 3)).astype(np.float32)
+  w = rng.standard_normal(kernel_size + (3, 6)).astype(np.float32)
+  pads = [{2: 0, 3: 1}[k] for k in kernel_size]
+  want = np_deconv_torch(x.astype(np.float64), w[::-1, ::-1].astype(np.float64), pads)
+  cot = rng.standard_normal(want.shape).astype(np.float32)   # a random cotangent for the gradient
+  grads = {}
+  for variant in VARIANTS:
+    f = jax.jit(lambda x, w, v=variant: kernels.deconv_stride2(x, w, v))
+    out, vjp = jax.vjp(f, x, w)
+    close(out, want, 1e-5)
+    grads[variant] = vjp(cot)
+  for variant in VARIANTS[1:]:
+    for g, ref in zip(grads[variant], grads["cpu"]):
+      close(g, ref, 1e-5)
+  # The gradient wrt x of a linear map is its transpose: check it with NumPy too.
+  eps_dir = rng.standard_normal(x.shape)
+  lin = np.sum(np_deconv_torch(eps_dir, w[::-1, ::-1].astype(np.float64), pads) * cot)
+  np.testing.assert_allclose(np.sum(np.asarray(grads["native"][0]) * eps_dir), lin, rtol=1e-4)
+
+
+@pytest.mark.parametrize("ceil_mode", [True, False])
+@pytest.mark.parametrize("size", [(6, 6), (7, 5)])
+def test_pool_variants_agree_with_numpy_and_each_other(ceil_mode, size):
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((2,) + size + (3,)).astype(np.float32)   # no ties
+  want = np_max_pool(x, ceil_mode)
+  cot = rng.standard_normal(want.shape).astype(np.float32)
+  # The gradient routes each output's cotangent to its window's winner.
+  want_grad = np.zeros(x.shape)
+  for i in range(want.shape[1]):
+    for j in range(want.shape[2]):
+      window = x[:, 2 * i:2 * i + 2, 2 * j:2 * j + 2]
+      flat = window.reshape(2, -1, 3).argmax(axis=1)
+      for b in range(2):
+        for c in range(3):
+          di, dj = divmod(flat[b, c], window.shape[2])
+          want_grad[b, 2 * i + di, 2 * j + dj, c] += cot[b, i, j, c]
+  for variant in VARIANTS:
+    out, vjp = jax.vjp(jax.jit(lambda x, v=variant: kernels.max_pool_2x2(x, ceil_mode, v)), x)
+    close(out, want, 0)
+    close(vjp(cot)[0], want_grad, 0)
+
+
+def test_unknown_kernel_choice_is_refused():
+  c = tiny_mdssd.get_config()
+  c.model.kernels = "gpu"
+  with pytest.raises(ValueError, match="config.model.kernels='gpu'"):
+    models.build_model(c)
+
+
+# ---- the whole tiny MDSSD: variants, remat, lowering -------------------------------------------
+
+def _loss_and_grads_fn(config):
+  """f(variables, images) -> (scalar, grads of params), a train-mode forward + backward."""
+  model = models.build_model(config)
+
+  def f(variables, images):
+    def scalar(params):
+      (loc, logits), _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                                     images, train=True, mutable=["batch_stats"])
+      return jnp.mean(loc ** 2) + jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+    return jax.value_and_grad(scalar)(variables["params"])
+  return model, f
+
+
+def _tiny(**model_overrides):
+  c = tiny_mdssd.get_config()
+  c.model.fusion_deconv_init = "bilinear"   # exercises the block's every option at once
+  for key, value in model_overrides.items():
+    c.model[key] = value
+  return c
+
+
+@pytest.fixture(scope="module")
+def tiny_inputs():
+  c = _tiny()
+  model = models.build_model(c)
+  images = np.random.default_rng(0).standard_normal((2, 96, 96, 3)).astype(np.float32)
+  variables = jax.jit(lambda r: model.init(r, images, train=False))(jax.random.key(0, impl="rbg"))
+  return variables, images
+
+
+def _run(config, variables, images):
+  _, f = _loss_and_grads_fn(config)
+  compiled = jax.jit(f).lower(variables, images).compile(
+      compiler_options={"xla_backend_optimization_level": 0})
+  return compiled(variables, images)
+
+
+@pytest.mark.parametrize("setting", [dict(kernels="native"), dict(remat="blocks")])
+def test_tiny_mdssd_variants_compute_the_same_loss_and_gradients(tiny_inputs, setting):
+  """From the same parameters: kernels "native" vs "cpu", and remat "blocks" vs "none"."""
+  variables, images = tiny_inputs
+  ref_value, ref_grads = _run(_tiny(kernels="cpu"), variables, images)
+  value, grads = _run(_tiny(kernels="cpu", **setting) if "remat" in setting else _tiny(**setting),
+                      variables, images)
+  tol = 1e-6 if "remat" in setting else 1e-4
+  np.testing.assert_allclose(value, ref_value, rtol=tol)
+  assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(ref_grads)
+  for path, g in jax.tree_util.tree_leaves_with_path(grads):
+    ref = np.asarray(_get(ref_grads, path))
+    np.testing.assert_allclose(g, ref, rtol=0, atol=tol * max(1e-12, np.abs(ref).max()),
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def _get(tree, path):
+  for key in path:
+    tree = tree[key.key]
+  return tree
+
+
+def test_remat_is_applied_and_keeps_parameter_names(tiny_inputs):
+  variables, images = tiny_inputs
+  jaxprs = {}
+  for remat in ("none", "blocks"):
+    model = models.build_model(_tiny(remat=remat))
+    shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
+    assert jax.tree_util.tree_structure(shapes) == jax.tree_util.tree_structure(variables)
+    forward = lambda v, x, model=model: model.apply(v, x, train=True, mutable=["batch_stats"])
+    jaxprs[remat] = str(jax.make_jaxpr(forward)(variables, images))
+  # One checkpoint per VGG stage (5), the fc block, and the three Fusion Blocks.
+  assert jaxprs["none"].count("remat2[") == 0
+  assert jaxprs["blocks"].count("remat2[") == 9
+  assert len(re.findall(r"policy=<function nothing_saveable", jaxprs["blocks"])) == 9
+  c = _tiny(remat="blocks", remat_policy="save_everything_please")
+  with pytest.raises(ValueError, match="remat_policy"):
+    models.build_model(c)
+
+
+def _op_counts(mlir_text):
+  return collections.Counter(re.findall(r"stablehlo\.([a-z_]+)", mlir_text))
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_lowering_for_accelerators_has_native_ops_and_no_scatter(tiny_inputs, platform):
+  """kernels="auto" lowered by jax.export for an accelerator from this CPU machine."""
+  variables, images = tiny_inputs
+  _, f = _loss_and_grads_fn(_tiny(kernels="auto"))
+  exported = jax.export.export(jax.jit(f), platforms=[platform])(variables, images)
+  text = exported.mlir_module()
+  ops = _op_counts(text)
+  assert ops["scatter"] == 0 and ops["gather"] == 0, ops
+  # The four 2x2 pools and pool5 are reduce_window (forward), select_and_scatter (backward).
+  assert ops["reduce_window"] == 5 and ops["select_and_scatter"] == 5, ops
+  # Native deconvs: 3 blocks x 3 deconvs with lhs_dilation (their input-gradients are ordinary
+  # strided convs); no argmax pool (iota) and no interior-padding zero insertion is left.
+  assert len(re.findall(r"lhs_dilate\s*=\s*\[2, 2\]", text)) >= 9
+  assert ops["iota"] == 0
+  assert not re.search(r"interior = \[0, 1, 1, 0\]", text)
+
+
+def test_cpu_lowering_uses_the_cpu_kernels(tiny_inputs):
+  variables, images = tiny_inputs
+  _, f = _loss_and_grads_fn(_tiny(kernels="auto"))
+  text = jax.jit(f).lower(variables, images).as_text()
+  ops = _op_counts(text)
+  assert ops["scatter"] == 0
+  assert ops["reduce_window"] == 1    # pool5 only; the 2x2 pools are argmax + one-hot
+  assert re.search(r"interior = \[0, 1, 1, 0\]", text)
