@@ -3,27 +3,44 @@
     python main.py --config=configs/mdssd300_voc.py --workdir=/ckpt            # train (resumes)
     python main.py --config=configs/mdssd300_voc.py --workdir=/ckpt --mode=eval
     python main.py --config=configs/mdssd300_voc.py --workdir=/ckpt --mode=predict --images='photos/*.jpg'
+    python main.py --config=configs/mdssd300_voc.py --workdir=/ckpt --mode=export   # SavedModel, TFLite, jax
     python main.py --config=configs/mdssd300_voc.py --mode=prepare             # build the data set
     python main.py --config=configs/mdssd300_voc.py --mode=coverage            # default-box coverage
 
 Kept short so that the library can be imported and tested (in a notebook too).
 """
 
+import errno
+import logging as logging_std
+import os
+import sys
+import traceback
+
 from absl import app
 from absl import flags
 from absl import logging
-import jax
+
+from mdssd_jax import console
+
+# Before JAX (and TensorFlow, which clu and TFDS load) read their logging environment.
+console.set_library_environment(sys.argv)
+
+import jax  # pylint: disable=g-import-not-at-top,g-bad-import-order
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs, metrics and pictures go here.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "prepare", "coverage"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "prepare", "coverage", "export"],
                           "What to do.")
 _STEP = flags.DEFINE_integer("step", None, "eval/predict: the checkpoint step (default: latest).")
 _IMAGES = flags.DEFINE_list("images", [], "predict: image files or globs.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "predict: where JSON and pictures go "
                                   "(default: WORKDIR/predictions).")
+_FORMATS = flags.DEFINE_list("formats", None, "export: any of saved_model,tflite,jax (default: "
+                             "config.export.formats).")
+_TFLITE_QUANTIZATION = flags.DEFINE_enum("tflite_quantization", None, ["none", "float16", "dynamic_range"],
+                                         "export: TFLite weights (default: config.export.tflite_quantization).")
 _PLOT = flags.DEFINE_string("plot", None, "coverage: also plot the report to this PNG file.")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (TPU pods, "
                                "SLURM, or the --coordinator_* flags).")
@@ -35,6 +52,8 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multihost: this process'
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # -v / --verbosity=1 (absl's flag) shows the libraries' INFO lines too; the default hides them.
+  console.configure(flags.FLAGS.verbosity)
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/demo_synthetic.py")
@@ -50,24 +69,123 @@ def main(argv):
     prepare.prepare(config)
     return
   if mode == "coverage":
-    from mdssd_jax import inference  # pylint: disable=g-import-not-at-top
-    print(inference.coverage_for_config(config, plot_path=_PLOT.value))
+    from mdssd_jax import anchor_coverage  # pylint: disable=g-import-not-at-top
+    print(anchor_coverage.coverage_for_config(config, plot_path=_PLOT.value))
     return
   if not _WORKDIR.value:
     raise app.UsageError(f"--workdir is required for --mode={mode}")
-  from mdssd_jax import train  # pylint: disable=g-import-not-at-top
+  # The library is imported here, after the flags and the console are set up.
   if mode == "train":
+    from mdssd_jax import train  # pylint: disable=g-import-not-at-top
     train.train_and_evaluate(config, _WORKDIR.value)
   elif mode == "eval":
-    train.evaluate_checkpoint(config, _WORKDIR.value, step=_STEP.value)
+    from mdssd_jax import evaluation  # pylint: disable=g-import-not-at-top
+    evaluation.evaluate_checkpoint(config, _WORKDIR.value, step=_STEP.value)
   elif mode == "predict":
     if not _IMAGES.value:
       raise app.UsageError("--mode=predict needs --images=FILE_OR_GLOB[,...]")
-    from mdssd_jax import inference  # pylint: disable=g-import-not-at-top
-    inference.predict_from_checkpoint(config, _WORKDIR.value, _IMAGES.value,
-                                      output_dir=_OUTPUT_DIR.value, step=_STEP.value)
+    from mdssd_jax import predict  # pylint: disable=g-import-not-at-top
+    predict.predict_from_checkpoint(config, _WORKDIR.value, _IMAGES.value,
+                                    output_dir=_OUTPUT_DIR.value, step=_STEP.value)
+  elif mode == "export":
+    from mdssd_jax import export  # pylint: disable=g-import-not-at-top
+    export.export_checkpoint(config, _WORKDIR.value, step=_STEP.value, formats=_FORMATS.value,
+                             tflite_quantization=_TFLITE_QUANTIZATION.value)
+
+
+# Errors whose message already names the problem and the fix (bad config values, missing files or
+# checkpoints, a bad annotation, a busy workdir, a diverged run): shown alone, without a traceback.
+_EXPLAINED_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, FloatingPointError,
+                     NotImplementedError)
+# How a full disk shows up along an exception chain: errno ENOSPC/EDQUOT from Python's own I/O, or
+# TensorStore's status text (it writes the checkpoint arrays): RESOURCE_EXHAUSTED with the OS error.
+# RESOURCE_EXHAUSTED alone is also XLA's out-of-memory status, which is not a disk problem.
+_DISK_FULL_MARKERS = ("No space left", "ENOSPC", "Disk quota exceeded", "OS error 28")
+
+
+def _is_disk_full(e):
+  if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+    return True
+  text = str(e)
+  return any(marker in text for marker in _DISK_FULL_MARKERS) or (
+      "RESOURCE_EXHAUSTED" in text and "memory" not in text.lower()
+      and any(word in text.lower() for word in ("writ", "file", "disk")))
+
+
+def _exception_chain(err):
+  """err and every exception it was raised from or while handling, outermost first."""
+  chain, seen = [], set()
+  while err is not None and id(err) not in seen:
+    seen.add(id(err))
+    chain.append(err)
+    err = err.__cause__ or err.__context__
+  return chain
+
+
+def describe_failure(err, workdir=None, data_dir=None):
+  """(one message naming the cause and the fix, whether a traceback helps) for an uncaught error."""
+  chain = _exception_chain(err)
+  # The innermost disk-full error is the first failing write; later ones are its consequences.
+  for e in reversed(chain):
+    if _is_disk_full(e):
+      where = workdir or data_dir or "the output folder"
+      first_line = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+      return (f"no space left on the device holding {where} ({type(e).__name__}: "
+              f"{first_line}). Free some space there "
+              "(older checkpoints go with a lower config.train.keep_checkpoints) or choose a "
+              "folder on a larger disk; a training run then resumes from its last complete "
+              "checkpoint with the same command."), False
+  if isinstance(err, _EXPLAINED_ERRORS) or type(err).__name__ in ("WorkdirBusyError",
+                                                                    "NonFiniteLossError"):
+    return f"{type(err).__name__}: {err}", False
+  return f"{type(err).__name__}: {err}", True
+
+
+class _LibraryTracebackFilter(logging_std.Filter):
+  """Default verbosity: a library's error record keeps its line but loses its traceback.
+
+  Orbax logs the traceback of a failed asynchronous save each time it is raised; the error itself
+  propagates to the one message of `_main_reporting_errors`, and -v shows every traceback.
+  """
+
+  def filter(self, record):
+    if record.exc_info and "site-packages" in (record.pathname or ""):
+      record.exc_info = None
+      record.exc_text = None
+    return True
+
+
+def _main_reporting_errors(argv):
+  """main(), ending any failure in ONE message (the cause and the fix) and exit status 1.
+
+  The full traceback shows with -v, or when the error is unexpected (a bug to report). The process
+  then ends with os._exit: background threads of a failed run (Orbax's asynchronous saves,
+  TensorStore, Grain) would otherwise keep printing errors while the interpreter shuts down.
+  """
+  if flags.FLAGS.verbosity < 1:
+    for handler in logging_std.root.handlers:
+      handler.addFilter(_LibraryTracebackFilter())
+  try:
+    return main(argv)
+  except (app.UsageError, SystemExit, KeyboardInterrupt):
+    raise
+  except Exception as err:  # pylint: disable=broad-except
+    message, unexpected = describe_failure(
+        err, workdir=_WORKDIR.value,
+        data_dir=_CONFIG.value.data.get("data_dir") if _CONFIG.value is not None else None)
+    if unexpected or flags.FLAGS.verbosity >= 1:
+      traceback.print_exc()
+      sys.stderr.write("\n")
+    hint = "" if flags.FLAGS.verbosity >= 1 or unexpected else " (-v shows the full traceback)"
+    sys.stderr.write(f"Error: {message}{hint}\n")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.flush()
+    os._exit(1)  # pylint: disable=protected-access
 
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  # A bare `-v` means --verbosity=1 (absl's -v needs a value).
+  app.run(_main_reporting_errors, flags_parser=lambda argv: app.parse_flags_with_usage(
+      console.expand_bare_verbose_flag(argv)))

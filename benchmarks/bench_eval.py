@@ -1,6 +1,6 @@
 """Seconds to evaluate a VOC07-test-sized set: N images x K detections, ~3 ground truths, 20 classes.
 
-  python benchmarks/bench_eval.py [--images 5000] [--detections 200] [--repeats 3] [--coco_repeats 1]
+  python -m benchmarks.bench_eval [--images 5000] [--detections 200] [--repeats 3] [--coco_repeats 1]
 
 Detections are realistic-ish: a few jittered copies of each ground-truth box (right or wrong class)
 plus low-scoring clutter, as an SSD's top-200 list after NMS looks. COCO runs through pycocotools and,
@@ -9,12 +9,10 @@ if installed, faster-coco-eval (both give the same twelve numbers; the table say
 
 import argparse
 import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # run from anywhere
 from mdssd_jax.evaluation import coco, tt100k, voc
 
 

@@ -1,154 +1,511 @@
-"""The small-object study: MDSSD against SSD with the same trunk, data and training budget.
+"""The small-object study: does MDSSD's Fusion Block help small objects, seed for seed?
 
-Three detectors, all from `configs/demo_synthetic.py` (same width, input size, optimiser, steps, seed),
-trained on the generated small-object data set and evaluated per object size:
+    python -m benchmarks.study_small_objects                  # the full study (resumable)
+    python -m benchmarks.study_small_objects --table          # README tables + plot from the JSON
+    python -m benchmarks.study_small_objects --quick --out=/tmp/q/study.json --workdir=/tmp/q
 
-  ssd          SSD: heads on conv4_3, conv7, conv8_2 .. conv11_2 (the demo's ladder without its finest
-               rung: default boxes from 20 px up)
-  ssd_fine     SSD plus a head on the raw conv3_3 map (48x48) with the finest rung (10-20 px): the
-               same default boxes as MDSSD, no fusion (separates "finer boxes" from "fusion")
-  mdssd        MDSSD: Fusion Blocks on conv3_3/conv4_3/conv7 (from conv8_2/conv9_2/conv10_2) as heads
+(from the repository root). Every detector is the CPU demo's (configs/demo_synthetic.py: VGG16
+trunk with batch norm, 192 px input) on the generated small-object data, trained with the same
+optimiser, schedule, data and seeds; only the part after the trunk differs:
 
-    python benchmarks/study_small_objects.py --workdir=/tmp/study            # about 3 x 10 min here
-    python benchmarks/study_small_objects.py --workdir=/tmp/study --steps=300 --variants=ssd,mdssd
+  ssd                SSD: heads on conv4_3 (L2Norm), conv7 and the extra layers; default boxes from
+                     20 px up (the demo's ladder without its finest rung).
+  ssd_fine           ssd plus a head on the raw conv3_3 map (4 px stride) with MDSSD's finest
+                     default boxes (10-20 px): the same heads and default boxes as the MDSSD variants,
+                     without fusion. It separates "finer default boxes" from "fusion".
+  mdssd              MDSSD with the paper's Fusion Block (no batch norm inside it; the trunk keeps
+                     its batch norm: config.model.fusion_batch_norm=False).
+  mdssd_bn           MDSSD with batch norm after every conv and deconv of the Fusion Block, as
+                     DSSD's deconvolution module (fusion_batch_norm=True).
+  mdssd_bn_bilinear  mdssd_bn whose deconvs start as interpolating upsamplers
+                     (fusion_deconv_init="bilinear", FCN's and DSSD's start). Not in the full
+                     study's plan (it does not fit its two hours); --variants=... adds it.
 
-Prints a markdown table of VOC-style AP@0.5 (area) overall and per bucket of the object's longer
-side, and writes `study.png` and `study.json` in the workdir. Each variant resumes from its own
-subfolder, so an interrupted study continues where it stopped.
+Two regimes: "scratch" (everything random) and "trained_trunk", which mirrors the paper's ImageNet
+start: the VGG16 trunk (weights and batch-norm statistics) is copied from the finished `ssd` run of
+the same seed, everything after it starts fresh, so the fusion is measured apart from the trunk's
+training.
+
+Each run trains into its own folder under --workdir (checkpoints: train_and_evaluate resumes
+there) and is appended to the --out JSON as soon as it finishes; a rerun skips finished runs and
+resumes unfinished ones. SIGTERM checkpoints the running run and stops the study (a kill -9 loses
+at most the steps since the run's last checkpoint).
+--table rebuilds the markdown tables and the learning-curve plot from the JSON alone.
 """
 
 import argparse
+import dataclasses
 import json
+import math
 import os
-import sys
+import signal
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
 
-import jax  # pylint: disable=g-import-not-at-top
-import numpy as np  # pylint: disable=g-import-not-at-top
+DEFAULT_OUT = os.path.join("benchmarks", "results", "study_small_objects.json")
+DEFAULT_PLOT = os.path.join("benchmarks", "study_small_objects.png")
+DEFAULT_WORKDIR = "/tmp/study_small_objects"
+EVALUATOR = "voc"
+# The size buckets the study reports (names of config.eval.size_buckets_px).
+BUCKETS = ("tiny", "small", "medium")
 
-# (name, (lowest, highest) longer side in pixels of the demo's 192 px image).
-SIZE_BUCKETS = (("tiny", (0.0, 16.0)), ("small", (16.0, 32.0)), ("medium", (32.0, 400.0)))
+# variant -> (family, config.model overrides on top of the family's layout).
+VARIANTS = {
+    "ssd": ("ssd", {}),
+    "ssd_fine": ("ssd_fine", {}),
+    "mdssd": ("mdssd", dict(fusion_batch_norm=False, fusion_deconv_init="xavier")),
+    "mdssd_bn": ("mdssd", dict(fusion_batch_norm=True, fusion_deconv_init="xavier")),
+    "mdssd_bn_bilinear": ("mdssd", dict(fusion_batch_norm=True, fusion_deconv_init="bilinear")),
+}
+# The trained-trunk regime compares the detectors that share heads and default boxes; the trunk
+# comes from this variant's scratch run of the same seed.
+TRUNK_SOURCE = "ssd"
+TRAINED_TRUNK_VARIANTS = ("ssd_fine", "mdssd", "mdssd_bn", "mdssd_bn_bilinear")
+TRUNK_PARAMS = "vgg"   # the VGG16 trunk's name in the params and batch_stats trees
 
 
-def variant_config(name, steps, width):
-  """The demo config as MDSSD, as SSD, or as SSD with MDSSD's finest default boxes on raw conv3_3."""
+@dataclasses.dataclass(frozen=True)
+class Budget:
+  """How big the study is. The full one is sized for about two hours of a loaded 2-core CPU."""
+  steps: int                      # training steps of a run from scratch
+  trained_trunk_steps: int        # training steps of a run whose trunk starts trained
+  eval_every_steps: int           # learning-curve resolution
+  seeds: tuple
+  width_multiplier: float
+  num_train: int                  # generated training images (cycled)
+  num_test: int                   # generated test images (every evaluation uses all)
+  batch_size: int
+  variants: tuple = tuple(VARIANTS)
+  trained_trunk_variants: tuple = TRAINED_TRUNK_VARIANTS
+  data: tuple = ("shape",)        # "shape": colour_by_class=False; "colour": the demo's hues
+
+
+SIZE_KEYS = ("steps", "trained_trunk_steps", "eval_every_steps", "width_multiplier", "num_train", "num_test", "batch_size")
+
+# 12 scratch runs of 600 steps and 9 trained-trunk runs of 300 (README, "The small-object study").
+FULL = Budget(steps=600, trained_trunk_steps=300, eval_every_steps=100, seeds=(0, 1, 2),
+              width_multiplier=1 / 8, num_train=4000, num_test=200, batch_size=8,
+              variants=("ssd", "ssd_fine", "mdssd", "mdssd_bn"),
+              trained_trunk_variants=("ssd_fine", "mdssd", "mdssd_bn"))
+# The whole machinery at toy size (tests/test_study.py): a narrow model, a handful of steps.
+QUICK = Budget(steps=4, trained_trunk_steps=4, eval_every_steps=2, seeds=(0,), width_multiplier=1 / 32, num_train=16,
+               num_test=4, batch_size=2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Configs.
+# ---------------------------------------------------------------------------------------------------
+
+def variant_config(variant, data, budget, seed, data_dir="", init="scratch"):
+  """The demo config turned into `variant` on `data` ("shape" | "colour") at `budget`, seed `seed`,
+  trained for the steps of regime `init` (data_dir: the generated data's TFDS folder, "" = default)."""
+  from configs import common  # pylint: disable=g-import-not-at-top
   from configs import demo_synthetic  # pylint: disable=g-import-not-at-top
-  config = demo_synthetic.get_config()
-  config.train.num_steps = steps
-  config.model.width_multiplier = width
-  if name == "mdssd":
-    return config
-  if name not in ("ssd", "ssd_fine"):
-    raise ValueError(f"unknown variant {name!r}; known: ssd, ssd_fine, mdssd")
-  # SSD: the trunk's conv4_3 and conv7 take the places of Fusion Modules 2 and 3, with the same
-  # default boxes; the finest rung (Fusion Module 1's) goes, unless ssd_fine puts it on conv3_3.
-  num_fusions = len(config.model.fusions)
-  config.model.architecture = "ssd"
-  heads = ("conv4_3", "conv7") + tuple(config.model.head_sources[num_fusions:])
-  first = 0 if name == "ssd_fine" else 1
-  config.model.head_sources = (("conv3_3",) if name == "ssd_fine" else ()) + heads
-  config.model.fusions = ()
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown study variant {variant!r}; known: {list(VARIANTS)}")
+  if data not in ("shape", "colour"):
+    raise ValueError(f"unknown study data {data!r}; known: 'shape' (colour_by_class=False), 'colour'")
+  c = demo_synthetic.get_config()
+  c.seed = int(seed)
+  c.data.data_dir = data_dir
+  c.model.batch_norm = True            # every variant trains its trunk from scratch: batch norm
+  c.model.width_multiplier = budget.width_multiplier
+  c.data.synthetic.colour_by_class = data == "colour"
+  c.data.synthetic.num_train = budget.num_train
+  c.data.synthetic.num_test = budget.num_test
+  c.train.global_batch_size = budget.batch_size
+  c.train.reference_batch_size = budget.batch_size
+  steps = budget.trained_trunk_steps if init == "trained_trunk" else budget.steps
+  c.train.num_steps = steps
+  # The demo's schedule, scaled to the run's steps: warm-up 1/6, decays at 3/4 and 11/12 of them.
+  c.train.warmup_steps = max(1, steps // 6)
+  c.train.lr_decay_steps = (steps * 3 // 4, steps * 11 // 12)
+  c.train.log_every_steps = min(50, budget.eval_every_steps)
+  c.train.checkpoint_every_steps = budget.eval_every_steps
+  c.train.keep_checkpoints = 2
+  c.evals.voc = common.voc_eval(use_07_metric=False, every_steps=budget.eval_every_steps,
+                                num_pictures=0)
+  c.eval.batch_size = min(25, budget.num_test)
+  c.data.num_workers = 0 if budget.num_train < 100 else 1
+
+  family, overrides = VARIANTS[variant]
+  for key, value in overrides.items():
+    c.model[key] = value
+  if family == "mdssd":
+    return c
+  # SSD: conv4_3 and conv7 take the places of Fusion Modules 2 and 3 with the same default boxes;
+  # the finest rung (Fusion Module 1's) goes, unless ssd_fine puts it on the raw conv3_3.
+  num_fusions = len(c.model.fusions)
+  heads = ("conv4_3", "conv7") + tuple(c.model.head_sources[num_fusions:])
+  first = 0 if family == "ssd_fine" else 1
+  c.model.architecture = "ssd"
+  c.model.head_sources = (("conv3_3",) if family == "ssd_fine" else ()) + heads
+  c.model.fusions = ()
   for key in ("feature_sizes", "steps", "min_sizes", "max_sizes", "aspect_ratios"):
-    config.anchors[key] = tuple(config.anchors[key])[first:]
-  return config
+    c.anchors[key] = tuple(c.anchors[key])[first:]
+  return c
 
 
-def size_metrics(setup, state):
-  """AP overall and per SIZE_BUCKETS on the eval split, through the TT100K-style bucketed evaluator."""
-  from mdssd_jax import train  # pylint: disable=g-import-not-at-top
+def recipe(config):
+  """The training recipe the study ran on (issue 10's crop sampler, matching and hue)."""
+  return {"loss.matching": config.loss.matching, "augment.crop_sampler": config.augment.crop_sampler,
+          "augment.hue_delta_deg": float(config.augment.hue_delta_deg),
+          "augment.hue_overflow": config.augment.hue_overflow,
+          "augment.expand_prob": float(config.augment.expand_prob),
+          "train.optimizer": config.train.optimizer, "train.base_lr": float(config.train.base_lr),
+          "model.input_size_px": int(config.model.input_size_px),
+          "model.batch_norm (trunk)": bool(config.model.batch_norm)}
+
+
+def model_cost(config):
+  """(parameters, forward GFLOPs per image from XLA's cost analysis) of a config's detector."""
+  from benchmarks import model_table  # pylint: disable=g-import-not-at-top
+  from mdssd_jax import models  # pylint: disable=g-import-not-at-top
+  model, _ = models.build_detector(config)
+  size = int(config.model.input_size_px)
+  variables, _, _ = models.abstract_forward(model, size, 1)
+  flops = model_table.forward_flops(model, variables, size, 1)
+  return models.count_params(variables["params"]), flops / 1e9
+
+
+# ---------------------------------------------------------------------------------------------------
+# One run.
+# ---------------------------------------------------------------------------------------------------
+
+def run_name(variant, data, init, seed):
+  return f"{data}_{init}_{variant}_seed{seed}"
+
+
+def latest_step(workdir):
+  from mdssd_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  steps = checkpointing.available_steps(os.path.join(workdir, "checkpoints"))
+  return steps[-1] if steps else None
+
+
+def seed_trained_trunk(config, workdir, source_config, source_workdir):
+  """Writes a step-0 checkpoint in `workdir`: a fresh state of `config` whose VGG16 trunk (params
+  and batch-norm statistics) is the latest checkpoint of the `source_workdir` run."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from mdssd_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from mdssd_jax import experiment  # pylint: disable=g-import-not-at-top
   from mdssd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from mdssd_jax.evaluation import loop, tt100k  # pylint: disable=g-import-not-at-top
-  config = setup.config
-  predict = setup.jitted_predict()
-  variables = train.model_variables(state)
-  parts = []
-  for batch in pipeline.make_eval_batches(config):
-    detections = jax.device_get(predict(variables, setup.global_batch({"image": batch["image"]})["image"]))
-    parts.append(loop.batch_to_arrays(detections, batch))
-  arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-  predictions, ground_truths = loop.arrays_to_images(arrays)
-  result = tt100k.evaluate(predictions, ground_truths, iou_threshold=config.eval.iou_threshold,
-                           size_ranges=SIZE_BUCKETS, use_07_metric=False)
-  out = {"AP": result["mAP"]}
-  for bucket, _ in SIZE_BUCKETS:
-    out[f"AP_{bucket}"] = result[f"mAP_{bucket}"]
-    out[f"recall_{bucket}"] = result[f"recall_{bucket}"]
-    out[f"gt_{bucket}"] = result["counts"][bucket]["gt"]
-  return out
+  _, source, _ = experiment.load_checkpoint(source_config, source_workdir)
+  setup = experiment.Setup(config)
+  state = setup.initial_state()
+  for collection in ("params", "batch_stats"):
+    tree = dict(state[collection])
+    if jax.tree_util.tree_structure(tree[TRUNK_PARAMS]) != jax.tree_util.tree_structure(
+        source[collection][TRUNK_PARAMS]):
+      raise ValueError(f"the trunk of {source_workdir} does not fit {workdir}'s model")
+    tree[TRUNK_PARAMS] = jax.device_put(source[collection][TRUNK_PARAMS], setup.replicated)
+    state[collection] = tree
+  train_iter = pipeline.make_train_iterator(config, process_index=0, process_count=1)
+  manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"), config.train,
+                                       best_metric=config.eval.best_metric)
+  try:
+    checkpointing.save(manager, 0, state, train_iter, setup.meta(state))
+    manager.wait_until_finished()
+  finally:
+    manager.close()
 
 
-def run_variant(name, args):
+def read_curve(workdir):
+  """[{"step", "all", "tiny", "small", "medium"}] of the run's evaluations during training."""
+  from mdssd_jax import evaluation  # pylint: disable=g-import-not-at-top
+  by_step = {}
+  path = os.path.join(workdir, evaluation.EVAL_RESULTS_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        r = json.loads(line)
+        if r.get("evaluator") == EVALUATOR and r.get("mode") == "train":
+          by_step[int(r["step"])] = r     # the last line of a step wins
+  return [dict(step=s, all=_ap(r["mAP"]),
+               **{b: _ap(r.get(f"AP_size/{b}", float("nan"))) for b in BUCKETS})
+          for s, r in sorted(by_step.items())]
+
+
+def _ap(value):
+  """An AP as a JSON number; NaN (a bucket with no ground truth) as None."""
+  value = float(value)
+  return None if math.isnan(value) else value
+
+
+class _Stop:
+  """Set by SIGTERM: checkpoint the running run, then stop the study."""
+  requested = False
+
+
+def train_run(config, workdir):
+  """Trains (or resumes) one run; returns the wall seconds of all its sittings, or None if stopped."""
   from mdssd_jax import train  # pylint: disable=g-import-not-at-top
-  config = variant_config(name, args.steps, args.width)
-  workdir = os.path.join(args.workdir, name)
+  wall_path = os.path.join(workdir, "study_wall_s.json")
+  os.makedirs(workdir, exist_ok=True)
+  previous = json.load(open(wall_path))["wall_s"] if os.path.exists(wall_path) else 0.0
   start = time.time()
-  train.train_and_evaluate(config, workdir)
-  minutes = (time.time() - start) / 60
-  setup, state, step = train.load_checkpoint(config, workdir)
-  metrics = size_metrics(setup, state)
-  with open(os.path.join(workdir, train.EVAL_RESULTS_FILE)) as f:
-    curve = {int(r["step"]): r["mAP"] for r in map(json.loads, f)}   # the last evaluation per step
-  metrics.update(curve=curve)
-  metrics.update(variant=name, step=int(step), minutes=minutes, default_boxes=len(setup.anchors),
-                 params=sum(x.size for x in jax.tree_util.tree_leaves(state["params"])))
-  return metrics
+  try:
+    train.train_and_evaluate(config, workdir)
+  finally:
+    # Every sitting's time counts, a stopped one too (compiles included: what a user waits).
+    with open(wall_path, "w") as f:
+      json.dump({"wall_s": previous + time.time() - start}, f)
+  done = latest_step(workdir) == config.train.num_steps
+  return previous + time.time() - start if done else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# The study.
+# ---------------------------------------------------------------------------------------------------
+
+def load_results(path):
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  return {"recipe": None, "budget": None, "runs": []}
+
+
+def save_results(path, results):
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(results, f, indent=1)
+  os.replace(tmp, path)   # atomic: a kill never leaves half a file
+
+
+def planned_runs(budget):
+  """(variant, data, init, seed) in the order they run: seed by seed, so that a partial study
+  already compares every variant; a trained-trunk run after its seed's `ssd` run."""
+  plan = []
+  for data in budget.data:
+    for seed in budget.seeds:
+      plan += [(v, data, "scratch", seed) for v in budget.variants]
+      if TRUNK_SOURCE in budget.variants:
+        plan += [(v, data, "trained_trunk", seed) for v in budget.trained_trunk_variants]
+  return plan
+
+
+def run_study(budget, out, workdir, data_dir=""):
+  """Runs every planned run not yet in `out`; returns the results dict."""
+  import jax  # pylint: disable=g-import-not-at-top
+  # Runs of one variant (every seed, both regimes, every sitting) compile the same programs: keep
+  # them on disk, since a compile costs minutes on a loaded 2-core CPU.
+  jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(workdir), "jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  results = load_results(out)
+  this_recipe = recipe(variant_config("ssd", budget.data[0], budget, 0))
+  # What makes runs comparable; which variants, seeds and data a sitting runs may grow.
+  this_budget = {k: getattr(budget, k) for k in SIZE_KEYS}
+  for key, value in (("recipe", this_recipe), ("budget", this_budget)):
+    if results[key] not in (None, value):
+      raise ValueError(f"{out} holds runs of another {key} ({results[key]}) than this study's "
+                       f"({value}): pass another --out, or move the file away to start afresh")
+    results[key] = value
+  save_results(out, results)
+  done = {(r["variant"], r["data"], r["init"], r["seed"]) for r in results["runs"]}
+  costs = {}
+
+  def stop(signum, frame):
+    del frame
+    print(f"signal {signum}: stopping the study after a checkpoint", flush=True)
+    _Stop.requested = True
+
+  # While a run trains, the trainer's own SIGTERM handler checkpoints and returns early (seen below
+  # as an unfinished run); outside training this handler stops the study before the next run.
+  previous = signal.signal(signal.SIGTERM, stop)
+  try:
+    for variant, data, init, seed in planned_runs(budget):
+      if (variant, data, init, seed) in done:
+        continue
+      if _Stop.requested:
+        break
+      config = variant_config(variant, data, budget, seed, data_dir, init)
+      steps = config.train.num_steps
+      name = run_name(variant, data, init, seed)
+      run_dir = os.path.join(workdir, name)
+      print(f"== {name} ({steps} steps) in {run_dir}", flush=True)
+      if init == "trained_trunk" and latest_step(run_dir) is None:
+        source = (TRUNK_SOURCE, data, "scratch", seed)
+        if source not in done:
+          raise RuntimeError(f"{name} needs the finished {run_name(*source)} run")
+        seed_trained_trunk(config, run_dir, variant_config(TRUNK_SOURCE, data, budget, seed, data_dir),
+                           os.path.join(workdir, run_name(*source)))
+      wall_s = train_run(config, run_dir)
+      if wall_s is None:
+        print(f"stopped in {name} at step {latest_step(run_dir)}; rerun the same command to resume",
+              flush=True)
+        break
+      if variant not in costs:
+        costs[variant] = model_cost(config)
+      curve = read_curve(run_dir)
+      last = curve[-1]
+      if last["step"] != steps:
+        raise RuntimeError(f"{run_dir} has no evaluation at step {steps}")
+      results["runs"].append(dict(
+          variant=variant, family=VARIANTS[variant][0], seed=seed, data=data, init=init,
+          steps=steps, wall_s=round(wall_s, 1), params=costs[variant][0],
+          gflops=round(costs[variant][1], 4), ap={k: last[k] for k in ("all",) + BUCKETS},
+          curve=[{"step": p["step"], "all": p["all"], "tiny": p["tiny"]} for p in curve]))
+      save_results(out, results)
+      done.add((variant, data, init, seed))
+      print(f"== {name}: mAP {last['all']:.3f}, tiny AP {last['tiny']:.3f}, {wall_s / 60:.1f} min",
+            flush=True)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  return results
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tables and the plot, from the JSON alone.
+# ---------------------------------------------------------------------------------------------------
+
+def _mean_std(values):
+  values = [v for v in values if v is not None]
+  if not values:
+    return float("nan"), float("nan")
+  return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+
+
+def _fmt(mean, std):
+  if math.isnan(mean):
+    return "n/a"
+  return f"{mean:.3f}" if math.isnan(std) else f"{mean:.3f} ± {std:.3f}"
+
+
+def groups(results):
+  """{(data, init): {variant: [runs]}} in plan order."""
+  out = {}
+  for r in results["runs"]:
+    out.setdefault((r["data"], r["init"]), {}).setdefault(r["variant"], []).append(r)
+  order = list(VARIANTS)
+  return {k: dict(sorted(v.items(), key=lambda kv: order.index(kv[0]))) for k, v in out.items()}
+
+
+def tables(results):
+  """The README's markdown: recipe, one table per (data, regime), and the fusion's measured gain."""
+  lines = []
+  rec = results.get("recipe") or {}
+  lines.append("Recipe: " + ", ".join(f"`{k}={v}`" for k, v in rec.items()) + ".")
+  budget = results.get("budget") or {}
+  if budget:
+    lines.append(f"Budget: {budget['steps']} steps from scratch, {budget['trained_trunk_steps']} "
+                 f"with a trained trunk, batch {budget['batch_size']}, width "
+                 f"{budget['width_multiplier']:g}, {budget['num_train']} training / "
+                 f"{budget['num_test']} test images, evaluated every {budget['eval_every_steps']} "
+                 f"steps.")
+  for (data, init), by_variant in groups(results).items():
+    lines.append("")
+    lines.append(f"**{data} data, {init.replace('_', ' ')}** (AP@0.5, VOC area rule, mean ± std over "
+                 "seeds; buckets by the object's longer side: tiny < 16 px, small 16-32, medium > 32)")
+    lines.append("")
+    lines.append("| variant | family | params | GFLOPs / image | seeds | steps | mAP | AP tiny | AP small | "
+                 "AP medium | min / run |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    for variant, runs in by_variant.items():
+      r0 = runs[0]
+      cells = [_fmt(*_mean_std([r["ap"][k] for r in runs])) for k in ("all",) + BUCKETS]
+      minutes = np.mean([r["wall_s"] for r in runs]) / 60
+      lines.append(f"| {variant} | {r0['family']} | {r0['params'] / 1e6:.3f} M | {r0['gflops']:.3f} | "
+                   f"{len(runs)} | {r0['steps']} | " + " | ".join(cells) + f" | {minutes:.1f} |")
+    lines.append("")
+    lines.append(verdict(by_variant, init))
+  return "\n".join(lines)
+
+
+def verdict(by_variant, init):
+  """The issue's test in words: best MDSSD variant's tiny AP against ssd_fine's, with the seeds' std."""
+  if "ssd_fine" not in by_variant:
+    return "(no ssd_fine runs to compare with)"
+  fine_mean, fine_std = _mean_std([r["ap"]["tiny"] for r in by_variant["ssd_fine"]])
+  mdssd = {v: _mean_std([r["ap"]["tiny"] for r in runs]) for v, runs in by_variant.items()
+           if runs[0]["family"] == "mdssd"}
+  if not mdssd:
+    return "(no MDSSD runs to compare with)"
+  best = max(mdssd, key=lambda v: mdssd[v][0])
+  mean, std = mdssd[best]
+  diff = mean - fine_mean
+  noise = max(s for s in (std, fine_std) if not math.isnan(s)) if not (
+      math.isnan(std) and math.isnan(fine_std)) else float("nan")
+  if math.isnan(noise):
+    judged = "one seed only: no standard deviation to judge the difference against"
+  elif abs(diff) > noise:
+    judged = f"larger than the seeds' standard deviation ({noise:.3f})"
+  else:
+    judged = f"within the seeds' standard deviation ({noise:.3f}): no measurable difference"
+  return (f"Tiny-object AP, {init.replace('_', ' ')}: best MDSSD variant `{best}` {mean:.3f} against "
+          f"`ssd_fine` {fine_mean:.3f}, a difference of {diff:+.3f}, {judged}.")
+
+
+def plot(results, path):
+  """Learning curves (mAP and tiny AP against steps), mean ± std band over seeds, one panel row
+  per (data, regime)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  grouped = groups(results)
+  if not grouped:
+    return None
+  fig, axes = plt.subplots(len(grouped), 2, figsize=(10, 3.4 * len(grouped)), squeeze=False)
+  colours = dict(zip(VARIANTS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+  for row, ((data, init), by_variant) in enumerate(grouped.items()):
+    for col, key in enumerate(("all", "tiny")):
+      ax = axes[row, col]
+      for variant, runs in by_variant.items():
+        steps = sorted(set.intersection(*({p["step"] for p in r["curve"]} for r in runs)))
+        values = np.array([[next(p[key] for p in r["curve"] if p["step"] == s) for s in steps]
+                           for r in runs], dtype=float)
+        mean = np.nanmean(values, axis=0)
+        ax.plot(steps, mean, marker=".", color=colours[variant], label=f"{variant} (n={len(runs)})")
+        if len(runs) > 1:
+          std = np.nanstd(values, axis=0, ddof=1)
+          ax.fill_between(steps, mean - std, mean + std, color=colours[variant], alpha=0.2)
+      ax.set_title(f"{'mAP@0.5' if key == 'all' else 'AP@0.5, tiny objects (< 16 px)'}: "
+                   f"{data} data, {init.replace('_', ' ')}", fontsize=9)
+      ax.set_xlabel("training step")
+      ax.set_ylim(0, 1)
+      ax.grid(alpha=0.3)
+      if col == 0:
+        ax.legend(fontsize=7, loc="lower right")
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--variants", default="ssd,ssd_fine,mdssd")
-  parser.add_argument("--steps", type=int, default=None, help="default: the demo config's")
-  parser.add_argument("--width", type=float, default=None, help="default: the demo config's")
+  parser.add_argument("--out", default=DEFAULT_OUT, help="results JSON (kept between sittings)")
+  parser.add_argument("--workdir", default=DEFAULT_WORKDIR, help="one training folder per run here")
+  parser.add_argument("--plot", default=None,
+                      help=f"learning-curve plot; default {DEFAULT_PLOT} for the default --out, "
+                           "else the --out path with .png")
+  parser.add_argument("--quick", action="store_true", help="every variant and regime at toy size")
+  parser.add_argument("--data", default=None, help="comma-separated: shape (default), colour")
+  parser.add_argument("--variants", default=None,
+                      help=f"comma-separated subset of {','.join(VARIANTS)} (default: all)")
+  parser.add_argument("--data_dir", default="", help="TFDS folder for the generated data (default: TFDS's)")
+  parser.add_argument("--table", action="store_true", help="only print the tables and redraw the plot")
   args = parser.parse_args()
-  from configs import demo_synthetic  # pylint: disable=g-import-not-at-top
-  demo = demo_synthetic.get_config()
-  args.steps = args.steps or demo.train.num_steps
-  args.width = args.width or demo.model.width_multiplier
-  os.makedirs(args.workdir, exist_ok=True)
-
-  rows = [run_variant(name, args) for name in args.variants.split(",")]
-  with open(os.path.join(args.workdir, "study.json"), "w") as f:
-    json.dump(rows, f, indent=1)
-  buckets = [b for b, _ in SIZE_BUCKETS]
-  header = ("| detector | default boxes | params | steps | train min | AP@0.5 | "
-            + " | ".join(f"AP {b} ({lo:g}-{hi:g} px, n={rows[0]['gt_' + b]})"
-                         for b, (lo, hi) in SIZE_BUCKETS) + " |")
-  print(header)
-  print("|" + "---|" * (6 + len(buckets)))
-  for r in rows:
-    print(f"| {r['variant']} | {r['default_boxes']} | {r['params'] / 1e6:.2f}M | {r['step']} | "
-          f"{r['minutes']:.1f} | {r['AP']:.3f} | " + " | ".join(f"{r['AP_' + b]:.3f}" for b in buckets)
-          + " |")
-  steps = sorted(set().union(*(r["curve"] for r in rows)))
-  print("\nVOC mAP@0.5 (area) at each evaluation during training (the learning curves):")
-  print("| detector | " + " | ".join(f"step {s}" for s in steps) + " |")
-  print("|---|" + "---|" * len(steps))
-  for r in rows:
-    print(f"| {r['variant']} | " + " | ".join(f"{r['curve'].get(s, float('nan')):.3f}" for s in steps)
-          + " |")
-  _plot(rows, buckets, os.path.join(args.workdir, "study.png"))
-
-
-def _plot(rows, buckets, path):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  keys = ["AP"] + [f"AP_{b}" for b in buckets]
-  x = np.arange(len(keys))
-  width = 0.8 / len(rows)
-  fig, ax = plt.subplots(figsize=(7, 3.5))
-  for i, r in enumerate(rows):
-    ax.bar(x + i * width, [r[k] for k in keys], width, label=r["variant"])
-  ax.set_xticks(x + width * (len(rows) - 1) / 2, ["all"] + buckets)
-  ax.set_ylabel("AP@0.5")
-  ax.set_title("Small-object study on the synthetic data set")
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  print(f"plot: {path}")
+  plot_path = args.plot or (DEFAULT_PLOT if os.path.abspath(args.out) == os.path.abspath(DEFAULT_OUT)
+                            else os.path.splitext(args.out)[0] + ".png")
+  if not args.table:
+    budget = QUICK if args.quick else FULL
+    if args.data:
+      budget = dataclasses.replace(budget, data=tuple(args.data.split(",")))
+    if args.variants:
+      chosen = tuple(args.variants.split(","))
+      unknown = [v for v in chosen if v not in VARIANTS]
+      if unknown:
+        parser.error(f"--variants: unknown {unknown}; known: {list(VARIANTS)}")
+      budget = dataclasses.replace(
+          budget, variants=chosen,
+          trained_trunk_variants=tuple(v for v in TRAINED_TRUNK_VARIANTS if v in chosen))
+    run_study(budget, args.out, args.workdir, args.data_dir)
+  results = load_results(args.out)
+  print(tables(results))
+  if plot(results, plot_path):
+    print(f"\nplot: {plot_path}")
 
 
 if __name__ == "__main__":

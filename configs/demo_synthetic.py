@@ -16,6 +16,7 @@ def get_config():
   c.model.input_size_px = 192
   c.model.width_multiplier = 1 / 8
   c.model.batch_norm = True         # from scratch: no ImageNet weights here
+  c.model.allow_random_trunk = True
   # At 192 px: conv3_3 48, conv4_3 24, conv7 12; extras give conv8_2 6, conv9_2 3, conv10_2 2,
   # conv11_2 1, so the Fusion Blocks join 6 -> 48, 3 -> 24 and 2 -> 12 (each 8x).
   c.model.extras = (("conv8", 256, 512, 3, 2, 1), ("conv9", 128, 256, 3, 2, 1),
@@ -56,8 +57,6 @@ def get_config():
   c.train.lr_decay_steps = (450, 550)
   c.train.log_every_steps = 50
   c.train.checkpoint_every_steps = 200
-  c.eval.metric = "voc"
-  c.eval.use_07_metric = False
-  c.eval.every_steps = 200
+  c.evals.voc = common.voc_eval(use_07_metric=False, every_steps=200)
   c.eval.batch_size = 25
   return c

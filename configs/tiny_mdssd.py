@@ -13,6 +13,7 @@ def get_config():
   c.model.input_size_px = 96
   c.model.width_multiplier = 1 / 16
   c.model.batch_norm = True
+  c.model.allow_random_trunk = True   # a smoke test: trains from scratch
   # At 96 px: conv3_3 24, conv4_3 12, conv7 6; stride-2 extras give conv8_2 3, conv9_2 2, conv10_2 1,
   # so each Fusion Block still spans 8x (3 -> 24, 2 -> 12, 1 -> 6).
   c.model.extras = (("conv8", 256, 512, 3, 2, 1), ("conv9", 128, 256, 3, 2, 1),
@@ -32,10 +33,8 @@ def get_config():
   c.data.synthetic.num_test = 8
   c.data.synthetic.image_size_px = 96
   c.model.num_classes = c.data.synthetic.num_classes
-  c.eval.metric = "voc"
-  c.eval.use_07_metric = False
+  c.evals.voc = common.voc_eval(use_07_metric=False, every_steps=0, num_pictures=2)
   c.eval.batch_size = 4
-  c.eval.num_pictures = 2
   c.train.optimizer = "adamw"
   c.train.base_lr = 1e-3
   c.train.weight_decay = 1e-4
@@ -46,5 +45,4 @@ def get_config():
   c.train.lr_decay_steps = (1000,)
   c.train.log_every_steps = 1
   c.train.checkpoint_every_steps = 2
-  c.eval.every_steps = 0
   return c

@@ -107,11 +107,8 @@ def format_table(report: Mapping[str, Any]) -> str:
 
 def plot_coverage(report: Mapping[str, Any], path: str) -> str:
   """Best IoU against the box's longer side (log scale), with bucket borders; written as PNG."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+  from mdssd_jax import plots  # pylint: disable=g-import-not-at-top  (matplotlib only when plotting)
+  fig, ax = plots.new_figure((7, 4.5), 110)
   longer = np.maximum(report["longer_side_px"], 1e-3)
   ax.scatter(longer, report["best_iou"], s=3, alpha=0.3)
   ax.axhline(report["iou_threshold"], color="red", linewidth=1, label=f"IoU {report['iou_threshold']:g}")
@@ -128,7 +125,6 @@ def plot_coverage(report: Mapping[str, Any], path: str) -> str:
                          if r["count"]), fontsize=8)
   fig.tight_layout()
   fig.savefig(path)
-  plt.close(fig)
   return path
 
 
@@ -150,3 +146,16 @@ def boxes_from_batches(batches: Iterable[Mapping[str, Any]],
       if max_images and len(boxes) >= max_images:
         return boxes, np.asarray(sizes)
   return boxes, np.asarray(sizes, np.float64).reshape(-1, 2)
+
+
+def coverage_for_config(config, max_images=None, plot_path=None):
+  """`--mode=coverage`: the coverage table of a config's default boxes over its training split."""
+  from mdssd_jax import models  # pylint: disable=g-import-not-at-top  (flax; only this entry point)
+  from mdssd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  _, anchors = models.build_detector(config)
+  gt_boxes, image_sizes = boxes_from_batches(pipeline.make_eval_batches(
+      config, split=config.data.train_split, max_images=max_images or 0))
+  report = coverage_report(anchors, gt_boxes, image_sizes, input_size_px=config.model.input_size_px)
+  if plot_path:
+    plot_coverage(report, plot_path)
+  return format_table(report)

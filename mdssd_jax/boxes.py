@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# SSD's variances (REFERENCE.md section 2): centre offsets are divided by 0.1, log sizes by 0.2.
+# SSD's variances (docs/matching.md): centre offsets are divided by 0.1, log sizes by 0.2.
 DEFAULT_VARIANCES = (0.1, 0.2)
 
 
@@ -38,6 +38,19 @@ def cxcywh_to_xyxy(boxes_cxcywh):
   xp = _xp(boxes_cxcywh)
   cx, cy, w, h = _split(boxes_cxcywh, xp)
   return xp.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=-1)
+
+
+def scale_xyxy(boxes_xyxy, scale_x, scale_y):
+  """(..., 4) corner-form boxes with x multiplied by scale_x and y by scale_y.
+
+  The scales broadcast against boxes[..., 0]: scalars, or e.g. (B, 1) per image for (B, K, 4)
+  boxes. Normalised -> pixels: scale by (width, height); pixels -> normalised: by (1/width, 1/height).
+  """
+  xp = _xp(boxes_xyxy, scale_x, scale_y)
+  boxes = xp.asarray(boxes_xyxy)
+  sx = xp.asarray(scale_x, boxes.dtype)
+  sy = xp.asarray(scale_y, boxes.dtype)
+  return boxes * xp.stack(xp.broadcast_arrays(sx, sy, sx, sy), axis=-1)
 
 
 def area(boxes_xyxy):

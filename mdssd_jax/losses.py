@@ -2,7 +2,7 @@
 
 Fixed shapes, no Python loop over images: each image's hard negatives are those above its exact k-th
 largest background loss, found by bisection (no sort). Everything is computed in float32, whatever
-the prediction dtype (REFERENCE.md section 2).
+the prediction dtype (docs/loss.md).
 """
 
 import jax

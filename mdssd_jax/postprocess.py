@@ -2,7 +2,7 @@
 
 Fixed shapes and no host code, so `detect` can sit inside the jitted eval step. All images and all
 classes go through one NMS loop at once (the per-class Python NMS of SSD code bases is the slow
-part their users complain of, REFERENCE.md section 2).
+part their users complain of, docs/loss.md, "Inference").
 
 Score ties are broken deterministically: within a class the candidate with the lower default-box
 index ranks first, and in the final top-k over classes the lower class comes first (then the
@@ -61,7 +61,7 @@ def nms_mask(boxes_xyxy, valid, iou_threshold=0.45):
 
 def detect(loc_preds, cls_logits, anchors, score_threshold=0.01, nms_iou=0.45, top_k=200,
            pre_nms_top_k=200, variances=box_lib.DEFAULT_VARIANCES,
-           max_log_scale=DEFAULT_MAX_LOG_SCALE):
+           max_log_scale=DEFAULT_MAX_LOG_SCALE, top_k_fn=None):
   """Final detections per image, with fixed shapes.
 
   Per image and class (background excluded): scores below score_threshold are dropped, the
@@ -76,6 +76,8 @@ def detect(loc_preds, cls_logits, anchors, score_threshold=0.01, nms_iou=0.45, t
     pre_nms_top_k: candidates per class and image that enter NMS (at most A are used).
     variances: (centre, size) decoding scales.
     max_log_scale: see `boxes.decode`; None decodes without the guard.
+    top_k_fn: (operand, k) -> (values, indices) with lax.top_k's results and tie order; None is
+      jax.lax.top_k (mdssd_jax/export.py passes a sort-based one that TensorFlow can load).
   Returns:
     dict with boxes (B, K, 4) corner form, normalised, unclipped; scores (B, K) float32, descending;
     classes (B, K) int32 in 1..C; valid (B, K) bool. Invalid slots have score 0, class 0, box 0.
@@ -97,7 +99,8 @@ def detect(loc_preds, cls_logits, anchors, score_threshold=0.01, nms_iou=0.45, t
   scores = jnp.swapaxes(scores, 1, 2)                                          # (B, C, A)
 
   # Per class, the best candidates in descending order (lax.top_k: ties -> lower index first).
-  cand_scores, cand_index = jax.lax.top_k(scores, num_candidates)              # (B, C, P)
+  top_k_fn = jax.lax.top_k if top_k_fn is None else top_k_fn
+  cand_scores, cand_index = top_k_fn(scores, num_candidates)                   # (B, C, P)
   cand_boxes = jnp.take_along_axis(decoded[:, None, :, :], cand_index[..., None], axis=2)
   cand_valid = cand_scores >= score_threshold
   keep = nms_mask(cand_boxes, cand_valid, nms_iou)                             # (B, C, P)
@@ -108,7 +111,7 @@ def detect(loc_preds, cls_logits, anchors, score_threshold=0.01, nms_iou=0.45, t
   flat_classes = jnp.broadcast_to(jnp.arange(1, num_classes + 1, dtype=jnp.int32)[:, None],
                                   (num_classes, num_candidates)).reshape(-1)
   num_out = min(top_k, flat_scores.shape[1])
-  out_scores, out_index = jax.lax.top_k(flat_scores, num_out)                  # (B, K')
+  out_scores, out_index = top_k_fn(flat_scores, num_out)                       # (B, K')
   valid = out_scores >= 0.0
   out_boxes = jnp.take_along_axis(flat_boxes, out_index[..., None], axis=1)
   out_classes = flat_classes[out_index]

@@ -1,12 +1,15 @@
-"""Detections on image files: whole-image or tiled inference, a COCO-style JSON and pictures.
+"""The one prediction path: a trained detector on images, whole-image or tiled, to JSON and pictures.
 
-Tiled inference keeps small objects at their real pixel size on large images (TT100K's 2048 px
-photos): tiles of the model's input size with a given overlap cover the image, the last one flush
-with the border; tile detections are shifted to image pixels and merged with class-wise NMS.
+`make_predict_fn` is the jitted forward + decode + NMS that evaluation, `--mode=predict` and the
+export all run. `LocalPredictor` runs it on this process's devices (no collectives: each process may
+handle a different number of images or tiles). Tiled inference keeps small objects at their real
+pixel size on large images (TT100K's 2048 px photos): tiles of the model's input size with a given
+overlap cover the image, the last one flush with the border; tile detections are shifted to image
+pixels and merged with class-wise NMS.
 
 Both paths call one `predict_fn(images_uint8 (N, S, S, 3)) -> {boxes (N, K, 4) xyxy normalised,
-scores (N, K), classes (N, K) 1..C, valid (N, K)}` (a jitted forward + postprocess.detect); N is
-always `batch_size` (short batches are padded), so the function compiles once.
+scores (N, K), classes (N, K) 1..C, valid (N, K)}`; N is always `batch_size` (short batches are
+padded), so the function compiles once.
 """
 
 import glob
@@ -16,11 +19,16 @@ import os
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import cv2
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mdssd_jax import boxes as box_lib
+from mdssd_jax import pixels
+from mdssd_jax import postprocess
 from mdssd_jax import visualize
 from mdssd_jax.data import augment
+from mdssd_jax.data import pipeline
 
 PredictFn = Callable[[np.ndarray], Mapping[str, Any]]
 
@@ -28,6 +36,62 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # How close (px) a box edge must come to a tile's inner border to count as cut by it: regressed
 # boxes of a cut object end about on the border, not exactly.
 DEFAULT_EDGE_TOLERANCE_PX = 2.0
+
+
+def make_predict_fn(model, anchors_cxcywh, config, convention, top_k_fn=None):
+  """(variables, uint8 images (B, S, S, 3)) -> postprocess.detect's fixed-size detections.
+
+  The pixel normalisation of the weights' convention runs inside, so callers pass raw uint8 RGB.
+  top_k_fn: see postprocess.detect (None: jax.lax.top_k).
+  """
+  anchors = jnp.asarray(anchors_cxcywh, jnp.float32)
+  compute_dtype = jnp.dtype(config.model.dtype)
+
+  def predict(variables, images_uint8):
+    images = pixels.normalize(images_uint8, convention, compute_dtype)
+    loc_preds, cls_logits = model.apply(variables, images, train=False)
+    return postprocess.detect(loc_preds, cls_logits, anchors,
+                              score_threshold=config.eval.score_threshold,
+                              nms_iou=config.eval.nms_iou, top_k=config.eval.top_k,
+                              pre_nms_top_k=config.eval.pre_nms_top_k,
+                              variances=tuple(config.anchors.variances), top_k_fn=top_k_fn)
+
+  return predict
+
+
+class LocalPredictor:
+  """uint8 images (N, S, S, 3) -> NumPy detections, on this process's devices alone.
+
+  The jitted function is built once (variables are an argument, so new weights never recompile);
+  N must be a multiple of the local device count and is split over the local devices. No
+  collective runs, so processes never wait for each other (tiles of large pictures, image files).
+  """
+
+  def __init__(self, model, anchors_cxcywh, config, convention):
+    devices = np.asarray(jax.local_devices())
+    mesh = jax.sharding.Mesh(devices, ("data",))
+    self._replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    self._split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    self._num_devices = len(devices)
+    self._predict = jax.jit(make_predict_fn(model, anchors_cxcywh, config, convention))
+    self._variables = None
+
+  def set_variables(self, variables):
+    """Copies (replicated, possibly global) variables to this process's devices."""
+    local = jax.tree_util.tree_map(
+        lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, variables)
+    self._variables = jax.device_put(local, self._replicated)
+    return self
+
+  def __call__(self, images_uint8):
+    if self._variables is None:
+      raise RuntimeError("LocalPredictor.set_variables must be called before predicting")
+    images = np.asarray(images_uint8, np.uint8)
+    if len(images) % self._num_devices:
+      raise ValueError(f"{len(images)} images cannot be split over {self._num_devices} local "
+                       "devices; config.eval.batch_size must be a multiple of the local device count")
+    out = self._predict(self._variables, jax.device_put(images, self._split))
+    return {k: np.asarray(v) for k, v in jax.device_get(out).items()}
 
 
 def tile_origins(length_px: int, tile_px: int, overlap_px: int) -> List[int]:
@@ -136,6 +200,31 @@ def tiled_detect(predict_tiles_fn: PredictFn, image_uint8: np.ndarray, tile_size
   return dict(boxes_px=boxes[kept], scores=scores[kept], classes=classes[kept])
 
 
+def tiled_batch_detect(predict_tiles_fn: PredictFn, original_images: Sequence[Optional[np.ndarray]],
+                       config) -> Dict[str, np.ndarray]:
+  """Tiled detection of each original image of an eval batch (None = padding example).
+
+  Returns the fixed-size arrays of `postprocess.detect` (boxes normalised to each original image),
+  so evaluation handles tiled and whole-image detections alike.
+  """
+  top_k = config.eval.top_k
+  size = len(original_images)
+  out = dict(boxes=np.zeros((size, top_k, 4), np.float32), scores=np.zeros((size, top_k), np.float32),
+             classes=np.zeros((size, top_k), np.int32), valid=np.zeros((size, top_k), bool))
+  for i, image in enumerate(original_images):
+    if image is None:
+      continue
+    found = tiled_detect(predict_tiles_fn, image, config.model.input_size_px,
+                         config.eval.tiled.overlap_px, config.eval.nms_iou, top_k,
+                         config.eval.batch_size)
+    n = len(found["scores"])
+    height, width = image.shape[:2]
+    out["boxes"][i, :n] = box_lib.scale_xyxy(found["boxes_px"], 1.0 / width, 1.0 / height)
+    out["scores"][i, :n], out["classes"][i, :n], out["valid"][i, :n] = (
+        found["scores"], found["classes"], True)
+  return out
+
+
 def whole_image_detect(predict_fn: PredictFn, images_uint8: Sequence[np.ndarray], input_size_px: int,
                        batch_size: int) -> List[Dict[str, np.ndarray]]:
   """Each image warped to S x S (as in evaluation), detections scaled back to its pixels."""
@@ -145,7 +234,7 @@ def whole_image_detect(predict_fn: PredictFn, images_uint8: Sequence[np.ndarray]
   for i, im in enumerate(images_uint8):
     h, w = im.shape[:2]
     keep = np.asarray(dets["valid"][i], bool)
-    out.append(dict(boxes_px=np.asarray(dets["boxes"][i], np.float32)[keep] * np.array([w, h, w, h], np.float32),
+    out.append(dict(boxes_px=box_lib.scale_xyxy(np.asarray(dets["boxes"][i], np.float32)[keep], w, h),
                     scores=np.asarray(dets["scores"][i], np.float32)[keep],
                     classes=np.asarray(dets["classes"][i], np.int32)[keep]))
   return out
@@ -174,9 +263,16 @@ def expand_image_paths(patterns: Sequence[str]) -> List[str]:
 
 
 def read_image_rgb(path: str) -> Optional[np.ndarray]:
-  """(H, W, 3) uint8 RGB, or None when the file is missing or not a readable image."""
-  image = cv2.imread(path, cv2.IMREAD_COLOR) if os.path.isfile(path) else None
-  return None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+  """(H, W, 3) uint8 RGB, or None when the file is missing, unreadable or not a complete image.
+
+  Decoded exactly as the data pipeline decodes (a truncated JPEG is refused, not grey-filled).
+  """
+  try:
+    with open(path, "rb") as f:
+      encoded = f.read()
+  except OSError:
+    return None
+  return pipeline.decode_image(encoded)
 
 
 def _picture_name(path: str, used: set, extension: str) -> str:
@@ -252,7 +348,8 @@ def predict_images(predict_fn: PredictFn, image_paths: Sequence[str], class_name
   for index, path in enumerate(paths):
     image = read_image_rgb(path)
     if image is None:
-      logging.warning("skipping %s: missing or not a readable image file", path)
+      logging.warning("skipping %s: missing, unreadable, or not a complete image (a truncated "
+                      "file?)", path)
       skipped.append(path)
       continue
     if tiled:
@@ -270,3 +367,31 @@ def predict_images(predict_fn: PredictFn, image_paths: Sequence[str], class_name
     json.dump(results, f)
   return {"json_path": json_path, "picture_paths": pictures, "skipped": skipped,
           "num_images": len(pictures), "num_detections": len(results)}
+
+
+def predict_from_checkpoint(config, workdir, image_patterns, output_dir=None, step=None):
+  """--mode=predict: detections in image files with the latest (or `step`) checkpoint of `workdir`.
+
+  The model, its default boxes and its pixel convention come from the checkpoint's config and
+  metadata, so predictions use exactly what training used.
+  """
+  from mdssd_jax import experiment  # pylint: disable=g-import-not-at-top  (experiment -> models: heavy)
+  setup, state, step = experiment.load_checkpoint(config, workdir, step)
+  output_dir = output_dir or os.path.join(workdir, "predictions")
+  predictor = LocalPredictor(setup.model, setup.anchors, config, setup.convention)
+  predictor.set_variables(experiment.model_variables(state))
+  summary = predict_images(
+      predictor, image_patterns, setup.dataset.class_names, output_dir,
+      input_size_px=config.model.input_size_px,
+      tiled_cfg=config.eval.tiled if config.eval.tiled.enabled else None,
+      score_threshold=config.eval.picture_score_threshold, nms_iou=config.eval.nms_iou,
+      top_k=config.eval.top_k, batch_size=config.eval.batch_size,
+      label_to_category_id=getattr(setup.dataset, "label_to_category_id", None))
+  skipped = summary["skipped"]
+  line = (f"Predicted {summary['num_images']} image(s) with the checkpoint of step {step}: "
+          f"detections and pictures in {output_dir}")
+  if skipped:
+    line += (f"\nSkipped {len(skipped)} of {summary['num_images'] + len(skipped)} file(s) that could "
+             f"not be read: {', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}")
+  print(line, flush=True)
+  return summary

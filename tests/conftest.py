@@ -3,12 +3,9 @@ tests (and their subprocesses, which inherit the environment) compile each progr
 little XLA optimisation, since compiling dominates the tests' run time."""
 
 import os
-import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
 
 _CACHE = os.path.join(tempfile.gettempdir(), "mdssd_jax_test_xla_cache")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)

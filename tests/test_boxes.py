@@ -1,4 +1,4 @@
-"""Box formats, IoU and encode/decode against plain Python references (REFERENCE.md section 2)."""
+"""Box formats, IoU and encode/decode against plain Python references (docs/matching.md, "Encoding")."""
 
 import math
 

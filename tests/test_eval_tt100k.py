@@ -122,12 +122,12 @@ def test_precision_recall_match_official_loop(seed):
 
 
 def test_evaluator_flat_metrics():
-  from mdssd_jax.evaluation import make_evaluator
+  from mdssd_jax.evaluation import make_metric
   import ml_collections
   preds, gts = _hand_case()
-  cfg = ml_collections.ConfigDict(dict(metric="tt100k", iou_threshold=0.5, use_07_metric=False,
-                                       tt100k_score_threshold=0.5))
-  ev = make_evaluator(cfg, ["pl50", "i2"])
+  cfg = ml_collections.ConfigDict(dict(type="tt100k", iou_threshold=0.5, use_07_metric=False,
+                                       score_threshold=0.5))
+  ev = make_metric(cfg, ["pl50", "i2"])
   ev.add(preds, gts)
   m = ev.compute()
   for key in ("mAP", "precision", "recall", "mAP_small", "precision_small", "recall_small",

@@ -207,13 +207,13 @@ def test_no_detections_and_no_ground_truth():
 
 
 def test_evaluator_accumulates_and_names_classes():
-  from mdssd_jax.evaluation import make_evaluator
+  from mdssd_jax.evaluation import make_metric
   import ml_collections
-  cfg = ml_collections.ConfigDict(dict(metric="voc", iou_threshold=0.5, use_07_metric=True))
+  cfg = ml_collections.ConfigDict(dict(type="voc", iou_threshold=0.5, use_07_metric=True))
   rng = np.random.default_rng(7)
   predictions, ground_truths = _random_case(rng, num_images=20, num_classes=5)
   names = ["cat", "dog", "bird", "boat", "car"]
-  ev = make_evaluator(cfg, names)
+  ev = make_metric(cfg, names)
   ev.add(predictions[:7], ground_truths[:7])
   ev.add(predictions[7:], ground_truths[7:])
   metrics = ev.compute()
@@ -224,14 +224,16 @@ def test_evaluator_accumulates_and_names_classes():
   assert all(isinstance(v, float) for v in metrics.values())
   table = ev.table()
   assert "cat" in table and "mAP" in table
-  with pytest.raises(ValueError, match="known: coco, tt100k, voc"):
-    make_evaluator(ml_collections.ConfigDict(dict(metric="vocc")), names)
+  with pytest.raises(ValueError, match=r"config.evals.main.type='vocc'(.|\n)*known: coco, tt100k, voc"):
+    make_metric(ml_collections.ConfigDict(dict(type="vocc")), names, name="main")
+  with pytest.raises(ValueError, match="config.evals.main.use_07_metric is missing"):
+    make_metric(ml_collections.ConfigDict(dict(type="voc", iou_threshold=0.5)), names, name="main")
 
 
 # ---- the evaluation loop (eval batches -> evaluator), with VOC as the metric -------------------------
 
 def _to_batches(predictions, ground_truths, sizes, batch_size, max_boxes=8, slots=16, first_id=0):
-  """Eval batches (CONTRACTS.md) plus a predict_fn that returns the given detections, normalised."""
+  """Eval batches (docs/data_formats.md) plus a predict_fn that returns the given detections, normalised."""
   batches, table = [], {}
   for lo in range(0, len(ground_truths), batch_size):
     b = dict(image=np.zeros((batch_size, 4, 4, 3), np.uint8),

@@ -1,4 +1,4 @@
-"""MultiBox loss against a per-image, per-box loop that follows REFERENCE.md section 2 literally."""
+"""MultiBox loss against a per-image, per-box loop that follows docs/loss.md literally."""
 
 import math
 

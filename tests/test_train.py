@@ -65,7 +65,9 @@ def test_main_trains_evaluates_and_says_where(data_dir, tmp_path):
   workdir = str(tmp_path / "run")
   proc = run_main(["--config=configs/tiny_mdssd.py", f"--workdir={workdir}",
                    "--config.train.num_steps=3"] + _data_dir_flags(data_dir))
-  assert "checkpoints:" in proc.stdout and "pictures:" in proc.stdout
+  # The closing summary says where everything is.
+  assert re.search(r"^\s+checkpoints\s+\S+", proc.stdout, re.M), proc.stdout
+  assert re.search(r"^\s+pictures\s+\S+", proc.stdout, re.M), proc.stdout
   results = [json.loads(l) for l in open(os.path.join(workdir, "eval_results.jsonl"))]
   assert results[-1]["step"] == 3 and 0.0 <= results[-1]["mAP"] <= 1.0
   assert glob.glob(os.path.join(workdir, "pictures", "step_00000003", "*.jpg"))
@@ -97,7 +99,6 @@ def test_resume_is_exact(data_dir, tmp_path):
 
 KILL_DURING_SAVE = textwrap.dedent("""
     import os, signal, sys, time
-    sys.path.insert(0, {root!r})
     from mdssd_jax import checkpointing, train
     from configs import tiny_mdssd
     real_save = checkpointing.save
@@ -115,7 +116,7 @@ KILL_DURING_SAVE = textwrap.dedent("""
 
 def test_kill_during_checkpoint_save_resumes_from_previous(data_dir, tmp_path):
   workdir = str(tmp_path / "killed")
-  script = KILL_DURING_SAVE.format(root=ROOT, data_dir=data_dir, workdir=workdir)
+  script = KILL_DURING_SAVE.format(data_dir=data_dir, workdir=workdir)
   proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
@@ -131,7 +132,7 @@ def test_kill_during_checkpoint_save_resumes_from_previous(data_dir, tmp_path):
 
 
 def test_nonfinite_loss_stops_with_step_and_keeps_last_checkpoint(data_dir, tmp_path):
-  from mdssd_jax import checkpointing, train  # pylint: disable=g-import-not-at-top
+  from mdssd_jax import checkpointing, experiment, train  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / "nan")
   config = tiny_config(**{"train.num_steps": 40, "train.checkpoint_every_steps": 1,
@@ -142,7 +143,7 @@ def test_nonfinite_loss_stops_with_step_and_keeps_last_checkpoint(data_dir, tmp_
   manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"), config.train)
   last = manager.latest_step()
   assert last is not None and f"step {last}" in str(err.value)
-  setup = train.Setup(config)
+  setup = experiment.Setup(config)
   state = setup.restore(manager, last)
   leaves = jax.tree_util.tree_leaves(jax.device_get(state["params"]))
   assert all(np.isfinite(leaf).all() for leaf in leaves)
@@ -161,15 +162,14 @@ def test_checkpoint_of_another_model_is_refused(data_dir, tmp_path):
 
 DATA_PARALLEL = textwrap.dedent("""
     import json, sys
-    sys.path.insert(0, {root!r})
     import jax
     import numpy as np
-    from mdssd_jax import train
+    from mdssd_jax import experiment, train
     from mdssd_jax.data import pipeline
     from configs import tiny_mdssd
     config = tiny_mdssd.get_config()
     config.data.data_dir = {data_dir!r}
-    setup = train.Setup(config)
+    setup = experiment.Setup(config)
     state = setup.initial_state()
     step = jax.jit(train.make_train_step(setup.model, setup.tx, setup.schedule, setup.anchors, config,
                                          setup.convention))
@@ -183,7 +183,7 @@ DATA_PARALLEL = textwrap.dedent("""
 
 
 def test_one_and_four_devices_give_the_same_loss(data_dir):
-  script = DATA_PARALLEL.format(root=ROOT, data_dir=data_dir)
+  script = DATA_PARALLEL.format(data_dir=data_dir)
   results = []
   for n in (1, 4):
     env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
@@ -236,7 +236,7 @@ def test_sigterm_saves_a_checkpoint_and_stops(data_dir, tmp_path):
   with open(log_path, "w") as log:
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 600
-    while "train/loss=" not in log_path.read_text():   # training has started
+    while not re.search(r"step \d+/", log_path.read_text()):   # training has started
       assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
       time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
@@ -252,18 +252,19 @@ def test_tiled_prediction_equals_whole_image_when_one_tile_covers_the_image(data
   """The tiled eval path (TT100K configs) on images of exactly the input size: one tile, no seams,
   so it must find the boxes and scores of the whole-image path (its NMS across tiles is then a no-op)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from mdssd_jax import train  # pylint: disable=g-import-not-at-top
+  from mdssd_jax import experiment, predict  # pylint: disable=g-import-not-at-top
   from mdssd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   config = tiny_config(**{"data.data_dir": data_dir, "eval.tiled.enabled": True})
-  setup = train.Setup(config)
+  setup = experiment.Setup(config)
   state = setup.initial_state()
-  variables = train.model_variables(state)
+  variables = experiment.model_variables(state)
   batch = next(iter(pipeline.make_eval_batches(config, with_original_images=True)))
   assert batch["original_image"][0].shape == batch["image"][0].shape   # 96 px images, 96 px input
-  whole = jax.device_get(jax.jit(train.make_predict_fn(
+  whole = jax.device_get(jax.jit(predict.make_predict_fn(
       setup.model, setup.anchors, config, setup.convention))(variables, batch["image"]))
-  tiled = train.tiled_batch_predictor(train.local_image_predictor(
-      setup.model, setup.anchors, config, setup.convention, variables), config)(batch)
+  predictor = predict.LocalPredictor(setup.model, setup.anchors, config, setup.convention)
+  tiled = predict.tiled_batch_detect(predictor.set_variables(variables), batch["original_image"],
+                                     config)
   for i in range(len(batch["image"])):
     # The ten best whole-image boxes that lie inside the image (tiling clips boxes to the image).
     inside = np.all((whole["boxes"][i] >= 0) & (whole["boxes"][i] <= 1), axis=-1)

@@ -12,6 +12,9 @@ class AccumulatingEvaluator(abc.ABC):
   both of the latter read the result through `_evaluate()`, so they share one evaluation.
   """
 
+  # The metric a run's summary and plots lead with (a key of compute()).
+  HEADLINE = "mAP"
+
   def __init__(self, class_names: Sequence[str]):
     self.class_names = list(class_names)
     self.reset()
@@ -34,6 +37,10 @@ class AccumulatingEvaluator(abc.ABC):
   @property
   def num_images(self) -> int:
     return len(self._predictions)
+
+  def images(self):
+    """(predictions, ground_truths): the per-image dicts added so far (for AP by size, plots)."""
+    return list(self._predictions), list(self._ground_truths)
 
   def _evaluate(self):
     # Cached: an evaluation pass usually asks for compute() and table(), and COCOeval is slow.

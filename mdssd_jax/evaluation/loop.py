@@ -9,16 +9,17 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
 
 import numpy as np
 
+from mdssd_jax import boxes as box_lib
+
 # The arrays each process keeps per image (fixed shapes, so that they can be all-gathered).
 _KEYS = ("boxes_px", "scores", "classes", "keep", "gt_boxes_px", "gt_labels", "gt_difficult",
-         "image_id", "batch_mask")
+         "gt_area", "image_id", "batch_mask")
 
 
 def to_pixels(boxes_xyxy: np.ndarray, orig_size: np.ndarray) -> np.ndarray:
   """(B, K, 4) corner form normalised to the original image -> pixels, given orig_size (B, 2) (h, w)."""
   orig_size = np.asarray(orig_size, np.float32)
-  scale = np.stack([orig_size[:, 1], orig_size[:, 0], orig_size[:, 1], orig_size[:, 0]], axis=-1)
-  return np.asarray(boxes_xyxy, np.float32) * scale[:, None, :]
+  return box_lib.scale_xyxy(np.asarray(boxes_xyxy, np.float32), orig_size[:, 1:2], orig_size[:, 0:1])
 
 
 def batch_to_arrays(detections: Mapping[str, Any], batch: Mapping[str, Any]) -> Dict[str, np.ndarray]:
@@ -26,7 +27,8 @@ def batch_to_arrays(detections: Mapping[str, Any], batch: Mapping[str, Any]) -> 
 
   Args:
     detections: boxes (B, K, 4) xyxy normalised, scores (B, K), classes (B, K) 1..C, valid (B, K).
-    batch: an eval batch (CONTRACTS.md): boxes, labels, difficult, image_id, orig_size, batch_mask.
+    batch: an eval batch (docs/data_formats.md): boxes, labels, difficult, image_id, orig_size,
+      batch_mask, and optionally area (B, M) in original-image pixels (-1: use the box's area).
   """
   batch_size = np.asarray(batch["orig_size"]).shape[0]
   batch_mask = np.asarray(batch.get("batch_mask", np.ones(batch_size, bool)), bool)
@@ -40,6 +42,7 @@ def batch_to_arrays(detections: Mapping[str, Any], batch: Mapping[str, Any]) -> 
       gt_boxes_px=to_pixels(batch["boxes"], batch["orig_size"]),
       gt_labels=labels,
       gt_difficult=np.asarray(batch.get("difficult", np.zeros(labels.shape, bool)), bool),
+      gt_area=np.asarray(batch.get("area", np.full(labels.shape, -1.0)), np.float32),
       image_id=np.asarray(batch.get("image_id", np.full(batch_size, -1)), np.int64),
       batch_mask=batch_mask)
 
@@ -68,6 +71,7 @@ def arrays_to_images(arrays: Mapping[str, np.ndarray]):
     gt = arrays["gt_labels"][i] > 0
     ground_truths.append(dict(boxes=arrays["gt_boxes_px"][i][gt], labels=arrays["gt_labels"][i][gt],
                               difficult=arrays["gt_difficult"][i][gt],
+                              area=arrays["gt_area"][i][gt],
                               image_id=int(arrays["image_id"][i]) if arrays["image_id"][i] >= 0
                               else len(ground_truths) + 1))
   return predictions, ground_truths
@@ -83,9 +87,9 @@ def evaluate_batches(predict_fn: Callable[[Mapping[str, Any]], Mapping[str, Any]
   Args:
     predict_fn: eval batch -> dict of NumPy (or jax) arrays boxes (B, K, 4) xyxy normalised, scores
       (B, K), classes (B, K) int 1..C, valid (B, K) bool (jitted forward + postprocess.detect).
-    batches: eval batches (CONTRACTS.md): boxes normalised to the original image, labels (0 =
+    batches: eval batches (docs/data_formats.md): boxes normalised to the original image, labels (0 =
       padding), difficult, image_id, orig_size (h, w), batch_mask.
-    evaluator: from `make_evaluator`; it is reset first.
+    evaluator: a metric accumulator from `evaluation.make_metric`; it is reset first.
     process_allgather: None on one process; else a function that takes a pytree of this process's
       NumPy arrays and returns them stacked over processes on a new leading axis, e.g.
       jax.experimental.multihost_utils.process_allgather (tiled=False). Every process must have run
@@ -103,8 +107,8 @@ def evaluate_batches(predict_fn: Callable[[Mapping[str, Any]], Mapping[str, Any]
     if on_batch is not None:
       on_batch(batch, parts[-1])
   if not parts:
-    raise ValueError("evaluate_batches got no eval batches; check config.data.eval_split and "
-                     "config.eval.max_images")
+    raise ValueError("evaluate_batches got no eval batches; check the evaluator's split "
+                     "(config.evals.<name>.split, default config.data.eval_split) and max_images")
   arrays = {k: np.concatenate([p[k] for p in parts]) for k in _KEYS}
   if process_allgather is not None:
     gathered = process_allgather(arrays)

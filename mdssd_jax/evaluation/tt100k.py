@@ -1,6 +1,6 @@
 """TT100K traffic-sign metrics: precision/recall at a score threshold and mAP, overall and per size.
 
-Sizes (REFERENCE.md section 4) are buckets of the box's longer side in pixels: small [0, 32), medium
+Sizes (docs/evaluation.md, TT100K) are buckets of the box's longer side in pixels: small [0, 32), medium
 [32, 96), large [96, 400); "all" spans [0, 400) as the official `eval_annos` default does. IoU is
 continuous (no +1 pixel) and must exceed the threshold; a match needs the same class.
 
@@ -26,7 +26,7 @@ import numpy as np
 from mdssd_jax.evaluation import base
 from mdssd_jax.evaluation import voc
 
-# (name, (lowest, highest) longer side in pixels), REFERENCE.md section 4.
+# (name, (lowest, highest) longer side in pixels), docs/evaluation.md.
 DEFAULT_SIZE_RANGES: Tuple[Tuple[str, Tuple[float, float]], ...] = (
     ("small", (0.0, 32.0)), ("medium", (32.0, 96.0)), ("large", (96.0, 400.0)))
 # Score above which a detection counts for precision/recall (config.eval.tt100k_score_threshold).

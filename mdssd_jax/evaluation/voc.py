@@ -1,4 +1,4 @@
-"""PASCAL VOC detection AP with the devkit's rules (REFERENCE.md section 5), vectorised with NumPy.
+"""PASCAL VOC detection AP with the devkit's rules (docs/evaluation.md), vectorised with NumPy.
 
 No loop over detections: per class, every detection's best ground truth comes from one padded
 (detections, ground truths of its image) IoU array, and the greedy claiming in score order reduces to

@@ -1,0 +1,347 @@
+"""Small-object metrics and the plots every evaluation writes (WORKDIR/plots/ and TensorBoard).
+
+`size_bucket_metrics` computes AP@0.5 with the PASCAL VOC devkit's rules (mdssd_jax/evaluation/voc.py:
+score-ordered matching per class, IoU > threshold, duplicates false, difficult ground truth ignored)
+per bucket of the object's longer side in pixels. The bucket rule is COCO's area-range rule applied
+to the longer side: a ground truth outside the bucket is left out of its positives together with
+the detection matched to it; a detection matched to a ground truth of the bucket counts for the
+bucket whatever its own size; an unmatched detection counts for the bucket of its own box. It also
+returns the precision-recall curve of each bucket (all classes pooled) and the sizes of the ground
+truths that no detection found, for the histogram of missed objects.
+
+Plots (matplotlib's Agg canvas, nothing shown on screen, pyplot's backend untouched):
+  ap_by_size.png     AP of each size bucket (and mAP) against the training step
+  pr_by_size.png     precision-recall curve per size bucket at the latest evaluation
+  missed_by_size.png histogram of ground-truth sizes, found and missed, with the bucket edges
+"""
+
+import json
+import math
+import os
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from mdssd_jax.evaluation import voc
+
+# (name, lowest, highest) longer side in pixels of the evaluated image; lowest <= size < highest.
+SIZE_BUCKETS_PX: Tuple[Tuple[str, float, float], ...] = (
+    ("tiny", 0.0, 16.0), ("small", 16.0, 32.0), ("medium", 32.0, 96.0), ("large", 96.0, math.inf))
+
+PLOTS_DIR = "plots"
+# Eval-result keys of the per-bucket AP (metrics dict, eval_results.jsonl, TensorBoard "eval/...").
+AP_KEY_PREFIX = "AP_size/"
+
+
+def longer_side_px(boxes_px: np.ndarray) -> np.ndarray:
+  """(N, 4) corner form, pixels -> (N,) max(width, height), continuous (x2 - x1, no +1)."""
+  boxes_px = np.asarray(boxes_px, np.float64).reshape(-1, 4)
+  return np.maximum(boxes_px[:, 2] - boxes_px[:, 0], boxes_px[:, 3] - boxes_px[:, 1])
+
+
+def check_size_buckets(size_buckets, where: str = "config.eval.size_buckets_px"):
+  """((name, lo, hi), ...) as floats; one clear error for a malformed or overlapping list."""
+  out = []
+  try:
+    for name, lo, hi in size_buckets:
+      out.append((str(name), float(lo), float(hi)))
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{where} must be ((name, lowest_px, highest_px), ...), e.g. "
+                     f"{SIZE_BUCKETS_PX[:2]}; got {size_buckets!r}") from e
+  if not out:
+    raise ValueError(f"{where} is empty; give at least one (name, lowest_px, highest_px)")
+  for i, (name, lo, hi) in enumerate(out):
+    if not lo < hi:
+      raise ValueError(f"{where}: bucket {name!r} has lowest {lo} >= highest {hi}")
+    if i and lo < out[i - 1][2]:
+      raise ValueError(f"{where}: bucket {name!r} starts at {lo} px, inside the previous bucket "
+                       f"(up to {out[i - 1][2]} px); list buckets in increasing, disjoint order")
+  return tuple(out)
+
+
+def _in_bucket(sizes: np.ndarray, lo: float, hi: float) -> np.ndarray:
+  return (sizes >= lo) & (sizes < hi)
+
+
+def missed_ground_truths(prediction: Mapping[str, Any], ground_truth: Mapping[str, Any],
+                         iou_threshold: float = 0.5, score_threshold: float = 0.3,
+                         pixel_offset: float = 1.0) -> np.ndarray:
+  """Which ground truths of one image no detection found.
+
+  A ground truth is found when some detection of its class scoring >= score_threshold overlaps it
+  by IoU > iou_threshold (no one-to-one claiming: this asks "was it seen at all").
+
+  Args:
+    prediction: boxes (K, 4) pixels xyxy, scores (K,), labels (K,).
+    ground_truth: boxes (N, 4) pixels xyxy, labels (N,).
+  Returns:
+    (N,) bool, True = missed.
+  """
+  gt_boxes = np.asarray(ground_truth["boxes"], np.float64).reshape(-1, 4)
+  gt_labels = np.asarray(ground_truth["labels"]).reshape(-1)
+  boxes = np.asarray(prediction["boxes"], np.float64).reshape(-1, 4)
+  scores = np.asarray(prediction["scores"], np.float64).reshape(-1)
+  labels = np.asarray(prediction["labels"]).reshape(-1)
+  keep = scores >= score_threshold
+  boxes, labels = boxes[keep], labels[keep]
+  if len(gt_boxes) == 0:
+    return np.zeros(0, bool)
+  if len(boxes) == 0:
+    return np.ones(len(gt_boxes), bool)
+  iou = voc.pairwise_iou_px(gt_boxes[:, None, :], boxes[None, :, :], pixel_offset)   # (N, K)
+  found = np.any((iou > iou_threshold) & (gt_labels[:, None] == labels[None, :]), axis=1)
+  return ~found
+
+
+def size_bucket_metrics(predictions: Sequence[Mapping[str, Any]],
+                        ground_truths: Sequence[Mapping[str, Any]],
+                        size_buckets=SIZE_BUCKETS_PX, iou_threshold: float = 0.5,
+                        use_07_metric: bool = False, pixel_offset: float = 1.0,
+                        missed_score_threshold: float = 0.3) -> Dict[str, Any]:
+  """AP@iou_threshold per size bucket, PR curves and missed-object sizes.
+
+  Args:
+    predictions: one dict per image: boxes (K, 4) pixels xyxy, scores (K,), labels (K,) 1..C.
+    ground_truths: one dict per image, same order: boxes (N, 4), labels (N,), difficult (optional).
+    size_buckets: ((name, lowest_px, highest_px), ...) of the longer side.
+    iou_threshold: a match needs IoU > this (the devkit's strict inequality).
+    use_07_metric: 11-point AP instead of the area under the precision envelope.
+    pixel_offset: 1.0 for the devkit's inclusive pixels (as the VOC evaluator), 0.0 continuous.
+    missed_score_threshold: detections scoring at least this count for "missed" (the score shown
+      on pictures, config.eval.picture_score_threshold).
+  Returns:
+    dict with
+      "buckets": names in order;
+      "AP": {bucket: mean AP over the classes with a non-difficult ground truth in the bucket,
+             NaN if none};
+      "AP_per_class": {bucket: {label: AP}};
+      "num_gt": {bucket: non-difficult ground truths};
+      "pr": {bucket: {"precision": (D_b,), "recall": (D_b,)}}, all classes pooled in score order
+            (empty arrays for a bucket without ground truth);
+      "gt_sizes_px": (G,) longer sides of the non-difficult ground truths;
+      "missed_sizes_px": (M,) longer sides of those no detection found (`missed_ground_truths`).
+  """
+  if len(predictions) != len(ground_truths):
+    raise ValueError(f"{len(predictions)} prediction dicts but {len(ground_truths)} ground-truth "
+                     "dicts; need one of each per image, in the same order")
+  buckets = check_size_buckets(size_buckets, "size_buckets")
+  dets = voc.flatten_predictions(predictions)
+  gts = voc.flatten_ground_truths(ground_truths)
+  det_size = longer_side_px(dets["boxes"])
+  gt_size = longer_side_px(gts["boxes"])
+  per_class: Dict[str, Dict[int, float]] = {name: {} for name, _, _ in buckets}
+  pooled: Dict[str, List[Tuple[np.ndarray, np.ndarray, np.ndarray]]] = {n: [] for n, _, _ in buckets}
+  for label in np.unique(gts["labels"]).tolist():
+    m = voc.match_class(dets, gts, label, len(ground_truths), iou_threshold, pixel_offset)
+    hit = m["best_iou"] > iou_threshold
+    own = det_size[m["order"]]
+    via_gt = gt_size[np.maximum(m["best_gt"], 0)] if len(gt_size) else own
+    bucket_size = np.where(hit, via_gt, own)
+    gt_sizes = gt_size[m["gt_index"]]
+    gt_ok = ~gts["difficult"][m["gt_index"]]
+    scores = dets["scores"][m["order"]]
+    for name, lo, hi in buckets:
+      num_positives = int(np.sum(gt_ok & _in_bucket(gt_sizes, lo, hi)))
+      # tp | fp leaves out detections whose best ground truth is difficult (neither, as the devkit).
+      keep = _in_bucket(bucket_size, lo, hi) & (m["tp"] | m["fp"])
+      pooled[name].append((scores[keep], m["tp"][keep], m["fp"][keep]))
+      if num_positives == 0:
+        continue
+      precision, recall = voc.precision_recall(m["tp"][keep], m["fp"][keep], num_positives)
+      per_class[name][label] = voc.average_precision(precision, recall, use_07_metric)
+
+  ok = ~gts["difficult"]
+  out: Dict[str, Any] = {"buckets": [n for n, _, _ in buckets], "AP": {}, "AP_per_class": per_class,
+                         "num_gt": {}, "pr": {}}
+  for name, lo, hi in buckets:
+    values = list(per_class[name].values())
+    out["AP"][name] = float(np.mean(values)) if values else float("nan")
+    num_gt = int(np.sum(ok & _in_bucket(gt_size, lo, hi)))
+    out["num_gt"][name] = num_gt
+    if pooled[name] and num_gt:
+      scores = np.concatenate([p[0] for p in pooled[name]])
+      order = np.argsort(-scores, kind="stable")
+      tp = np.concatenate([p[1] for p in pooled[name]])[order]
+      fp = np.concatenate([p[2] for p in pooled[name]])[order]
+      precision, recall = voc.precision_recall(tp, fp, num_gt)
+    else:
+      precision, recall = np.zeros(0), np.zeros(0)
+    out["pr"][name] = {"precision": precision, "recall": recall}
+
+  missed = [missed_ground_truths(p, g, iou_threshold, missed_score_threshold, pixel_offset)
+            for p, g in zip(predictions, ground_truths)]
+  missed_flat = np.concatenate(missed) if missed else np.zeros(0, bool)
+  out["gt_sizes_px"] = gt_size[ok]
+  out["missed_sizes_px"] = gt_size[ok & missed_flat] if len(missed_flat) else np.zeros(0)
+  return out
+
+
+def bucket_scalars(result: Mapping[str, Any]) -> Dict[str, float]:
+  """{"AP_size/<bucket>": AP} for the metrics dict (NaN buckets left out: no object of that size)."""
+  return {f"{AP_KEY_PREFIX}{name}": float(ap) for name, ap in result["AP"].items() if ap == ap}
+
+
+def read_eval_history(jsonl_path: str) -> List[Dict[str, Any]]:
+  """The lines of WORKDIR/eval_results.jsonl (one dict per evaluation); [] when there is none."""
+  if not os.path.exists(jsonl_path):
+    return []
+  history = []
+  with open(jsonl_path) as f:
+    for number, line in enumerate(f, start=1):
+      line = line.strip()
+      if not line:
+        continue
+      try:
+        history.append(json.loads(line))
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{jsonl_path} line {number} is not JSON ({e}); delete or fix that line") from e
+  return history
+
+
+# ---------------------------------------------------------------------------------------------------
+# Figures.
+# ---------------------------------------------------------------------------------------------------
+
+def new_figure(figsize, dpi):
+  """(figure, axes) drawn by the Agg canvas: files and arrays only, never a window, and without
+  pyplot's global backend, which a notebook showing its own plots must keep."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  fig = Figure(figsize=figsize, dpi=dpi)
+  FigureCanvasAgg(fig)
+  return fig, fig.add_subplot()
+
+
+def _colors(count):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  return matplotlib.colormaps["viridis"](np.linspace(0.0, 0.85, count))
+
+
+def _bucket_label(name: str, lo: float, hi: float) -> str:
+  return f"{name} (>= {lo:g} px)" if math.isinf(hi) else f"{name} ({lo:g}-{hi:g} px)"
+
+
+def _finish(fig, path: Optional[str]) -> np.ndarray:
+  """Saves `fig` to path (if any) and returns it as an (H, W, 3) uint8 RGB array."""
+  fig.tight_layout()
+  fig.canvas.draw()
+  rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+  if path:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+  return rgb
+
+
+def plot_ap_by_size(history: Sequence[Mapping[str, Any]], size_buckets=SIZE_BUCKETS_PX,
+                    path: Optional[str] = None, overall_key: str = "mAP") -> np.ndarray:
+  """AP of each size bucket (and the overall metric, dashed) against the step.
+
+  Args:
+    history: eval results, each with "step" and "AP_size/<bucket>" (and `overall_key`); results
+      without a bucket's key leave a gap.
+  Returns: the figure as (H, W, 3) uint8 RGB.
+  """
+  buckets = check_size_buckets(size_buckets, "size_buckets")
+  rows = sorted((r for r in history if "step" in r), key=lambda r: r["step"])
+  fig, ax = new_figure((7, 4.2), 100)
+  colors = _colors(len(buckets))
+  for (name, lo, hi), color in zip(buckets, colors):
+    points = [(r["step"], r[AP_KEY_PREFIX + name]) for r in rows
+              if r.get(AP_KEY_PREFIX + name) is not None and r[AP_KEY_PREFIX + name] == r[AP_KEY_PREFIX + name]]
+    if points:
+      steps, values = zip(*points)
+      ax.plot(steps, values, "o-", color=color, label=_bucket_label(name, lo, hi))
+  overall = [(r["step"], r[overall_key]) for r in rows if r.get(overall_key) is not None]
+  if overall:
+    steps, values = zip(*overall)
+    ax.plot(steps, values, "k--", label=f"{overall_key} (all sizes)")
+  ax.set_xlabel("training step")
+  ax.set_ylabel("AP@0.5")
+  ax.set_ylim(0.0, 1.0)
+  ax.grid(alpha=0.3)
+  ax.set_title("AP by object size (longer side)")
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(loc="lower right", fontsize=8)
+  else:
+    ax.text(0.5, 0.5, "no evaluation with size buckets yet", ha="center", transform=ax.transAxes)
+  return _finish(fig, path)
+
+
+def plot_pr_by_size(result: Mapping[str, Any], step: int, size_buckets=SIZE_BUCKETS_PX,
+                    path: Optional[str] = None) -> np.ndarray:
+  """The precision-recall curve of each size bucket (all classes pooled) from `size_bucket_metrics`."""
+  buckets = check_size_buckets(size_buckets, "size_buckets")
+  fig, ax = new_figure((6, 4.5), 100)
+  colors = _colors(len(buckets))
+  for (name, lo, hi), color in zip(buckets, colors):
+    pr = result["pr"].get(name)
+    if pr is None or len(pr["recall"]) == 0:
+      continue
+    ap = result["AP"].get(name, float("nan"))
+    ax.plot(pr["recall"], pr["precision"], color=color, label=f"{_bucket_label(name, lo, hi)}: AP {ap:.3f}, {result['num_gt'][name]} objects")
+  ax.set_xlabel("recall")
+  ax.set_ylabel("precision")
+  ax.set_xlim(0.0, 1.0)
+  ax.set_ylim(0.0, 1.02)
+  ax.grid(alpha=0.3)
+  ax.set_title(f"Precision-recall by object size, step {step}")
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(loc="lower left", fontsize=8)
+  return _finish(fig, path)
+
+
+def plot_missed_by_size(result: Mapping[str, Any], step: int, size_buckets=SIZE_BUCKETS_PX,
+                        path: Optional[str] = None, max_bins: int = 40) -> np.ndarray:
+  """Histogram of ground-truth sizes: all objects and the missed ones, bucket edges marked."""
+  buckets = check_size_buckets(size_buckets, "size_buckets")
+  sizes = np.asarray(result["gt_sizes_px"], np.float64)
+  missed = np.asarray(result["missed_sizes_px"], np.float64)
+  fig, ax = new_figure((7, 4.2), 100)
+  if len(sizes):
+    top = float(sizes.max()) + 1.0
+    width = max(1.0, math.ceil(top / max_bins))
+    edges = np.arange(0.0, top + width, width)
+    ax.hist(sizes, bins=edges, color="#9ecae1", label=f"all objects ({len(sizes)})")
+    ax.hist(missed, bins=edges, color="#d62728", label=f"missed ({len(missed)})")
+    for _, lo, _ in buckets[1:]:
+      if lo < top:
+        ax.axvline(lo, color="k", lw=0.8, ls=":")
+    for name, lo, hi in buckets:
+      centre = (lo + min(hi, top)) / 2
+      if lo < top:
+        ax.text(centre, 1.0, name, ha="center", va="bottom", fontsize=8,
+                transform=ax.get_xaxis_transform())
+    ax.legend(fontsize=8)
+  else:
+    ax.text(0.5, 0.5, "no ground truth", ha="center", transform=ax.transAxes)
+  ax.set_xlabel("object size: longer side (px)")
+  ax.set_ylabel("objects")
+  ax.set_title(f"Missed objects by size, step {step}", pad=16)
+  return _finish(fig, path)
+
+
+def write_evaluation_plots(workdir: str, step: int, result: Mapping[str, Any],
+                           history: Sequence[Mapping[str, Any]], size_buckets=SIZE_BUCKETS_PX,
+                           writer=None, overall_key: str = "mAP") -> Dict[str, str]:
+  """Writes the three plots to WORKDIR/plots/ (overwritten by each evaluation) and TensorBoard.
+
+  Args:
+    workdir: the run's folder.
+    step: the evaluated step.
+    result: `size_bucket_metrics` of this evaluation.
+    history: every evaluation so far including this one (e.g. `read_eval_history`), for AP by step.
+    writer: a clu MetricWriter or None; gets the figures as images "plots/<name>" at `step`.
+  Returns:
+    {name: path} of the PNG files.
+  """
+  directory = os.path.join(workdir, PLOTS_DIR)
+  paths = {name: os.path.join(directory, f"{name}.png")
+           for name in ("ap_by_size", "pr_by_size", "missed_by_size")}
+  images = {
+      "ap_by_size": plot_ap_by_size(history, size_buckets, paths["ap_by_size"], overall_key),
+      "pr_by_size": plot_pr_by_size(result, step, size_buckets, paths["pr_by_size"]),
+      "missed_by_size": plot_missed_by_size(result, step, size_buckets, paths["missed_by_size"]),
+  }
+  if writer is not None:
+    writer.write_images(step, {f"plots/{name}": image[None] for name, image in images.items()})
+  return paths

@@ -1,0 +1,148 @@
+"""The small-object study's machinery (benchmarks/study_small_objects.py): the JSON it writes and
+the tables made from it. Accuracy is not tested; the toy runs train for four steps."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from benchmarks import study_small_objects as study
+from tests.conftest import ROOT
+
+RUN_KEYS = {"variant", "family", "seed", "data", "init", "steps", "wall_s", "params", "gflops", "ap",
+            "curve"}
+# The smallest study that still has both regimes: ssd (the trunk's source) and one MDSSD variant.
+QUICK_VARIANTS = ("ssd", "mdssd_bn")
+
+
+@pytest.fixture(scope="module")
+def quick_study(tmp_path_factory):
+  """Runs `--quick` on two variants into a tmp folder; returns (results dict, folder)."""
+  folder = tmp_path_factory.mktemp("study")
+  out = os.path.join(folder, "study.json")
+  cmd = [sys.executable, "-m", "benchmarks.study_small_objects", "--quick",
+         f"--variants={','.join(QUICK_VARIANTS)}", f"--out={out}",
+         f"--workdir={os.path.join(folder, 'runs')}", f"--data_dir={os.path.join(folder, 'tfds')}"]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+  assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+  with open(out) as f:
+    return json.load(f), str(folder), proc.stdout
+
+
+def test_quick_study_writes_one_valid_run_per_variant_regime_and_seed(quick_study):
+  results, _, _ = quick_study
+  assert results["recipe"]["loss.matching"] == "bipartite"
+  assert results["recipe"]["augment.crop_sampler"] == "caffe"
+  assert results["recipe"]["augment.hue_delta_deg"] == 36.0
+  keys = [(r["variant"], r["init"], r["seed"], r["data"]) for r in results["runs"]]
+  expected = [(v, "scratch", s, "shape") for v in QUICK_VARIANTS for s in study.QUICK.seeds]
+  expected += [("mdssd_bn", "trained_trunk", s, "shape") for s in study.QUICK.seeds]
+  assert sorted(keys) == sorted(expected)          # each exactly once
+  for run in results["runs"]:
+    assert set(run) == RUN_KEYS
+    assert run["family"] == {"ssd": "ssd", "mdssd_bn": "mdssd"}[run["variant"]]
+    assert run["steps"] == study.QUICK.steps
+    assert run["params"] > 0 and run["gflops"] > 0 and run["wall_s"] > 0
+    assert set(run["ap"]) == {"all", "tiny", "small", "medium"}
+    for value in run["ap"].values():
+      assert 0.0 <= value <= 1.0
+    steps = [p["step"] for p in run["curve"]]
+    assert steps == list(range(study.QUICK.eval_every_steps, study.QUICK.steps + 1,
+                               study.QUICK.eval_every_steps))
+    for point in run["curve"]:
+      assert 0.0 <= point["all"] <= 1.0 and 0.0 <= point["tiny"] <= 1.0
+    assert run["curve"][-1]["all"] == run["ap"]["all"]
+    assert run["curve"][-1]["tiny"] == run["ap"]["tiny"]
+  by_variant = {r["variant"]: r for r in results["runs"] if r["init"] == "scratch"}
+  # The Fusion Blocks add parameters and FLOPs to the same trunk.
+  assert by_variant["mdssd_bn"]["params"] > by_variant["ssd"]["params"]
+  assert by_variant["mdssd_bn"]["gflops"] > by_variant["ssd"]["gflops"]
+
+
+def test_quick_study_rerun_skips_finished_runs_and_table_redraws_plot(quick_study):
+  results, folder, _ = quick_study
+  out = os.path.join(folder, "study.json")
+  cmd = [sys.executable, "-m", "benchmarks.study_small_objects", "--quick",
+         f"--variants={','.join(QUICK_VARIANTS)}", f"--out={out}",
+         f"--workdir={os.path.join(folder, 'runs')}", f"--data_dir={os.path.join(folder, 'tfds')}"]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert "== shape_" not in proc.stdout               # nothing trained again
+  with open(out) as f:
+    assert json.load(f) == results
+  plot = os.path.join(folder, "table.png")
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.study_small_objects", "--table",
+                         f"--out={out}", f"--plot={plot}"], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert os.path.getsize(plot) > 0
+  assert "| mdssd_bn | mdssd |" in proc.stdout and "**shape data, trained trunk**" in proc.stdout
+
+
+def _fake_run(variant, family, seed, tiny, all_ap=0.5):
+  return dict(variant=variant, family=family, seed=seed, data="shape", init="scratch", steps=10,
+              wall_s=60.0, params=1000, gflops=0.1,
+              ap=dict(all=all_ap, tiny=tiny, small=0.5, medium=0.5),
+              curve=[dict(step=5, all=all_ap / 2, tiny=tiny / 2), dict(step=10, all=all_ap, tiny=tiny)])
+
+
+def test_tables_report_mean_sample_std_and_verdict(tmp_path):
+  fine = [0.40, 0.44, 0.42]
+  fused = [0.60, 0.50, 0.55]
+  runs = [_fake_run("ssd_fine", "ssd_fine", s, t) for s, t in enumerate(fine)]
+  runs += [_fake_run("mdssd_bn", "mdssd", s, t) for s, t in enumerate(fused)]
+  runs += [_fake_run("mdssd", "mdssd", s, 0.1) for s in range(3)]
+  results = {"recipe": {"loss.matching": "bipartite"}, "budget": None, "runs": runs}
+  text = study.tables(results)
+
+  def sample_std(xs):   # the textbook formula, n - 1 in the denominator
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+  assert f"{sum(fused) / 3:.3f} ± {sample_std(fused):.3f}" in text     # 0.550 ± 0.050
+  assert f"{sum(fine) / 3:.3f} ± {sample_std(fine):.3f}" in text       # 0.420 ± 0.020
+  assert "best MDSSD variant `mdssd_bn` 0.550" in text
+  assert "+0.130" in text and "larger than the seeds' standard deviation (0.050)" in text
+  # A difference inside the noise is called so.
+  runs_close = [_fake_run("ssd_fine", "ssd_fine", s, t) for s, t in enumerate([0.5, 0.6, 0.4])]
+  runs_close += [_fake_run("mdssd_bn", "mdssd", s, t) for s, t in enumerate([0.52, 0.62, 0.42])]
+  assert "no measurable difference" in study.tables({"recipe": {}, "budget": None,
+                                                     "runs": runs_close})
+  path = study.plot(results, str(tmp_path / "p.png"))
+  assert os.path.getsize(path) > 0
+  assert np.isclose(study._mean_std(fused)[1], np.std(fused, ddof=1))
+
+
+def test_variants_share_heads_and_default_boxes():
+  """ssd_fine and the MDSSD variants: same default boxes and head widths; ssd lacks the finest rung."""
+  from mdssd_jax import anchors as anchors_lib
+  from mdssd_jax import models
+  boxes, head_channels = {}, {}
+  for variant in study.VARIANTS:
+    config = study.variant_config(variant, "shape", study.FULL, 0)
+    boxes[variant] = anchors_lib.from_config(config.anchors, config.model.input_size_px)
+    model = models.build_model(config)
+    _, _, maps = models.abstract_forward(model, config.model.input_size_px)
+    head_channels[variant] = [tuple(m.shape[1:]) for m in maps]
+  for variant in ("mdssd", "mdssd_bn", "mdssd_bn_bilinear"):
+    np.testing.assert_array_equal(boxes[variant], boxes["ssd_fine"])
+    assert head_channels[variant] == head_channels["ssd_fine"]
+  # ssd: the same boxes without the 48x48 map's (48 * 48 cells, 4 boxes each: ratios 1, 1', 2, 1/2).
+  assert len(boxes["ssd"]) == len(boxes["ssd_fine"]) - 48 * 48 * 4
+  np.testing.assert_array_equal(boxes["ssd"], boxes["ssd_fine"][48 * 48 * 4:])
+
+
+def test_mdssd_is_the_paper_fusion_on_a_batch_norm_trunk():
+  """mdssd: batch norm in the trunk, none in the Fusion Blocks; mdssd_bn: in both."""
+  from mdssd_jax import models
+  for variant, fusion_bn in (("mdssd", False), ("mdssd_bn", True)):
+    config = study.variant_config(variant, "shape", study.FULL, 0)
+    variables, _, _ = models.abstract_forward(models.build_model(config), config.model.input_size_px)
+    assert "bn" in variables["params"]["vgg"]["conv1_1"]
+    fusion = variables["params"]["fusion1"]
+    assert any(k.endswith("_bn") for k in fusion) == fusion_bn
+    assert ("bias" in fusion["out_conv"]) == (not fusion_bn)
