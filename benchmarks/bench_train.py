@@ -6,13 +6,13 @@ compiled step), MFU against the card's bf16 dense peak, the step split between t
 compile time, and the input pipeline's images/s per worker on this host (decode + Caffe SSD
 augmentation of generated JPEGs, benchmarks/bench_input.py), so the table says whether input keeps up.
 
-    python benchmarks/bench_train.py --configs=ssd300_voc,mdssd300_voc,mdssd512_voc \
+    python -m benchmarks.bench_train --configs=ssd300_voc,mdssd300_voc,mdssd512_voc \
         --dtype=bfloat16 --batch=32 --max_batch=1024 --input          # a GPU (benchmarks/device_check.sh)
-    python benchmarks/bench_train.py --quick                          # the same table at toy size (CPU)
+    python -m benchmarks.bench_train --quick                          # the same table at toy size (CPU)
 
 CPU comparison with torchvision (torch is a benchmark-only dependency, not a requirement):
 
-    python benchmarks/bench_train.py --torch_cpu --batch=4 --variants=default,bf16,eigen_off
+    python -m benchmarks.bench_train --torch_cpu --batch=4 --variants=default,bf16,eigen_off
 
 Random images and boxes stand in for data and nothing is downloaded. Each variant of the CPU
 comparison runs in a fresh process (XLA reads its flags once) next to a torchvision measurement in
@@ -28,8 +28,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 
@@ -242,7 +240,7 @@ def largest_batch(pieces, start_batch, max_batch, repeats, deadline):
 def input_rates(sizes, num_images, repeats):
   """{size: images/s of ONE worker} for decode + train augmentation at each output size."""
   import cv2  # pylint: disable=g-import-not-at-top
-  import bench_input  # pylint: disable=g-import-not-at-top
+  from benchmarks import bench_input  # pylint: disable=g-import-not-at-top
   from configs.common import base_config  # pylint: disable=g-import-not-at-top
   from mdssd_jax.data import augment  # pylint: disable=g-import-not-at-top
   config = base_config()
@@ -382,10 +380,10 @@ def _run_worker(kind, variant, args, python):
   flags = CPU_VARIANTS.get(variant, ("",))[0]
   env = dict(os.environ)
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
-  cmd = [python, os.path.abspath(__file__), f"--_worker={kind}", f"--variant={variant}",
+  cmd = [python, "-m", "benchmarks.bench_train", f"--_worker={kind}", f"--variant={variant}",
          f"--batch={args.batch[0]}", f"--repeats={args.repeats}", f"--cpu_config={args.cpu_config}",
          f"--threads={args.threads}"]
-  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, cwd=ROOT)
   for line in reversed(proc.stdout.splitlines()):
     if line.startswith("{"):
       return json.loads(line)

@@ -52,4 +52,4 @@ else
         --max_batch="${MAX_BATCH:-512}" --dtype=bfloat16 --repeats=5 --input
         --time_budget_s="${TIME_BUDGET_S:-200}")
 fi
-"$PYTHON" benchmarks/bench_train.py "${ARGS[@]}" --out "$OUT_DIR/device_check.md"
+"$PYTHON" -m benchmarks.bench_train "${ARGS[@]}" --out "$OUT_DIR/device_check.md"

@@ -6,8 +6,8 @@ SIGKILL after a random delay; the same command is rerun until the run completes 
 kills per trial, then it is left to finish). The final checkpoint's parameters and optimiser state
 are then compared, leaf by leaf and bit for bit, with those of one uninterrupted run.
 
-    python benchmarks/kill_soak.py --trials=10 --steps=6          # prints a table
-    python benchmarks/kill_soak.py --trials=3 --json=/tmp/soak.json
+    python -m benchmarks.kill_soak --trials=10 --steps=6          # prints a table
+    python -m benchmarks.kill_soak --trials=3 --json=/tmp/soak.json
 
 The random delays are drawn between half the time the uninterrupted run took to reach its first
 checkpoint and the whole time it took, so some kills land in start-up, most in training, and many
@@ -27,8 +27,6 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
 
 CONFIG = "configs/tiny_mdssd.py"
 
@@ -136,6 +134,7 @@ def prepare_data(data_dir):
 def soak(trials, steps, max_kills, seed, data_dir=None, scratch=None):
   """Runs the soak; returns a dict with one row per trial and the totals."""
   scratch = scratch or tempfile.mkdtemp(prefix="kill_soak_")
+  os.makedirs(scratch, exist_ok=True)
   if data_dir is None:
     data_dir = os.path.join(scratch, "tfds")
     prepare_data(data_dir)

@@ -1,9 +1,9 @@
 """StableHLO op counts of the train step and the predict function, lowered for GPU and TPU on this
 machine with `jax.export` (no accelerator needed), split into the model's ops and the rest.
 
-    python benchmarks/lowering_report.py                                  # tiny MDSSD, cuda + tpu
-    python benchmarks/lowering_report.py --config=mdssd300_voc --batch=32 --dtype=bfloat16
-    python benchmarks/lowering_report.py --platforms=cpu,cuda,tpu --ops=scatter,gather,convolution
+    python -m benchmarks.lowering_report                                  # tiny MDSSD, cuda + tpu
+    python -m benchmarks.lowering_report --config=mdssd300_voc --batch=32 --dtype=bfloat16
+    python -m benchmarks.lowering_report --platforms=cpu,cuda,tpu --ops=scatter,gather,convolution
 
 An op belongs to "the model" when its name stack (the first string of its MLIR location) passes
 through the Flax module `SSD` (forward `SSD/...`, backward `transpose(jvp(SSD))/...`); everything else
@@ -16,10 +16,8 @@ import collections
 import importlib
 import os
 import re
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=g-import-not-at-top
 from jax import export as jax_export

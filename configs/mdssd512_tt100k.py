@@ -22,7 +22,7 @@ def get_config():
   c.data.max_boxes = 64
   c.data.tt100k.train_crop_size_px = 512
   # One worker spends 18-19 CPU ms per example (16 of them decoding the 2048 px JPEG; the crop and
-  # the augmentation to 512 px ~3 ms): ~50 images/s per busy core (`python benchmarks/bench_input.py
+  # the augmentation to 512 px ~3 ms): ~50 images/s per busy core (`python -m benchmarks.bench_input
   # --tt100k`, 600 KiB JPEGs, x86_64). 8 workers give ~400 images/s, 12 batches of 32 per second, more
   # than one GPU's MDSSD512 step is expected to take (not measured yet). Use at most the host's free
   # cores; raise it if steps/s stays the same when the batch shrinks (input-bound).

@@ -119,6 +119,13 @@ def set_library_environment(argv: Sequence[str]) -> int:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1" if level <= 0 else "0")
   # Data worker processes start as fresh interpreters: they read the verbosity from here.
   os.environ[_WORKER_VERBOSITY_ENV] = str(level)
+  if level <= 0:
+    # multiprocessing's resource tracker (its own process, so only the environment reaches it)
+    # reports at exit the shared-memory blocks Grain's workers leave to it to free; it frees them.
+    warning_filter = "ignore:resource_tracker:UserWarning"
+    current = os.environ.get("PYTHONWARNINGS", "")
+    if warning_filter not in current:
+      os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [current, warning_filter]))
   return level
 
 

@@ -182,3 +182,20 @@ def load_checkpoint(config, workdir, step=None):
   finally:
     manager.close()
   return setup, state, step
+
+
+def flat_hparams(config):
+  """The config as {"section.key": scalar} (TensorBoard's hyperparameters); tuples as strings."""
+  flat = {}
+
+  def walk(prefix, node):
+    for k, v in node.items():
+      key = f"{prefix}{k}"
+      if hasattr(v, "items"):
+        walk(key + ".", v)
+      elif isinstance(v, (int, float, str, bool)):
+        flat[key] = v
+      else:
+        flat[key] = str(v)
+  walk("", config)
+  return flat

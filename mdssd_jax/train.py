@@ -219,7 +219,7 @@ def _train(config, workdir):
   evaluators = evaluation.make_evaluators(setup)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if step == 0:
-    writer.write_hparams(_flat_hparams(config))
+    writer.write_hparams(experiment.flat_hparams(config))
   progress = console.Progress(num_steps, start_step=step, log_every_steps=train_cfg.log_every_steps,
                               enabled=jax.process_index() == 0)
   hooks = []
@@ -312,21 +312,3 @@ def _summary(config, workdir, manager, evaluators, step, wall_s, images_per_s, e
   return console.run_summary(steps=step, wall_s=wall_s, images_per_s=images_per_s, last_map=last,
                              best_map=best, ap_by_size=ap_by_size, paths=paths,
                              metric_name=f"{name}/{key}", stopped_early=stopped_early)
-
-
-def _flat_hparams(config):
-  flat = {}
-
-  def walk(prefix, node):
-    for k, v in node.items():
-      key = f"{prefix}{k}"
-      if hasattr(v, "items"):
-        walk(key + ".", v)
-      elif isinstance(v, (int, float, str, bool)):
-        flat[key] = v
-      else:
-        flat[key] = str(v)
-  walk("", config)
-  return flat
-
-

@@ -148,14 +148,15 @@ def test_native_info_lines_dropped_from_a_quiet_import(tmp_path):
   """))
   code = textwrap.dedent(f"""
       import sys
-      sys.path.insert(0, {str(tmp_path)!r})
       from mdssd_jax import console
       hook = console._ImportHook("noisy_native", console._native_stderr_without_info, None)
       sys.meta_path.insert(0, hook)
       import noisy_native
       print(noisy_native.VALUE)
   """)
-  run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+  # The noisy module's folder on the path through the environment; the checkout is the working folder.
+  run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                       env=dict(os.environ, PYTHONPATH=str(tmp_path)))
   assert run.stdout.strip() == "3"
   assert run.stderr.splitlines() == ["W0000 00:00:1796138808.813476    4923 gpu.cc:1] a real warning"]
 

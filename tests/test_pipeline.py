@@ -267,7 +267,6 @@ def test_pipeline_stats_add():
 
 _PARENT = """
 import sys, time
-sys.path.insert(0, {root!r})
 from configs import common
 from mdssd_jax.data import pipeline
 c = common.base_config()
@@ -311,7 +310,7 @@ def _running(pid):
 def test_grain_workers_end_when_the_trainer_is_killed(data_dir):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   script = _PARENT.format(root=root, data_dir=data_dir, num_train=NUM_TRAIN, num_test=NUM_TEST)
-  parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+  parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=root)
   try:
     assert parent.stdout.readline().strip() == "READY"
     workers = [p for p in _children(parent.pid) if _running(p)]

@@ -187,7 +187,6 @@ def wait_gone(pids, timeout_s):
 
 _SLOW_PREPARE = textwrap.dedent("""
     import sys
-    sys.path.insert(0, {root!r})
     from configs import common
     from mdssd_jax.data import prepare
     c = common.base_config()
@@ -212,7 +211,7 @@ def test_killed_prepare_leaves_nothing_in_the_way(tmp_path):
   data_dir = str(tmp_path / "tfds")
   builder = registry.get_dataset(_synthetic_config(data_dir).data).parts[0].make_builder(data_dir)
   folder = os.fspath(builder.data_path.parent)
-  proc = subprocess.Popen([sys.executable, "-c", _SLOW_PREPARE.format(root=ROOT, data_dir=data_dir)])
+  proc = subprocess.Popen([sys.executable, "-c", _SLOW_PREPARE.format(data_dir=data_dir)], cwd=ROOT)
   try:
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None:

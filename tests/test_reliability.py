@@ -230,7 +230,6 @@ def test_eval_without_checkpoint_is_one_clear_error_and_creates_nothing(data_dir
 
 
 def test_describe_failure_finds_a_full_disk_anywhere_in_the_chain():
-  sys.path.insert(0, ROOT)
   import errno  # pylint: disable=g-import-not-at-top
   spec = __import__("importlib.util").util.spec_from_file_location("mdssd_main", os.path.join(ROOT, "main.py"))
   module = __import__("importlib.util").util.module_from_spec(spec)
@@ -263,9 +262,12 @@ def _can_mount_tmpfs(path):
 
 
 def _du_bytes(path):
+  """What `path` occupies on a tmpfs: every file and folder in whole 4 KiB pages."""
+  page = 4096
   total = 0
-  for dirpath, _, files in os.walk(path):
-    total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
+  for dirpath, dirnames, files in os.walk(path):
+    total += page * (1 + len(dirnames))
+    total += sum(-(-os.path.getsize(os.path.join(dirpath, f)) // page) * page for f in files)
   return total
 
 
@@ -275,7 +277,7 @@ def test_full_disk_during_async_save_ends_in_one_message_and_keeps_last_checkpoi
   if not _can_mount_tmpfs(mount_point):
     pytest.skip("mounting a small tmpfs is not permitted here (needs root / CAP_SYS_ADMIN)")
   # Room for the copied run and a little more: the next checkpoint (or its event file) cannot fit.
-  size_kb = _du_bytes(trained) // 1024 + 48
+  size_kb = _du_bytes(trained) // 1024 + 96
   subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", mount_point], check=True)
   try:
     workdir = os.path.join(mount_point, "run")
@@ -372,7 +374,7 @@ def test_kill_between_final_eval_and_save_leaves_one_result_line(data_dir, train
 
 def test_kill_soak_three_trials_resume_bit_exact(data_dir, tmp_path):
   out = tmp_path / "soak.json"
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "kill_soak.py"), "--trials=3",
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.kill_soak", "--trials=3",
                          "--steps=4", "--kills=1", "--seed=1", f"--data_dir={data_dir}",
                          f"--scratch={tmp_path / 'scratch'}", f"--json={out}"],
                         cwd=ROOT, capture_output=True, text=True, timeout=1800)

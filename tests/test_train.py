@@ -236,7 +236,7 @@ def test_sigterm_saves_a_checkpoint_and_stops(data_dir, tmp_path):
   with open(log_path, "w") as log:
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 600
-    while not re.search(r"step \d+/", log_path.read_text()):   # training has started
+    while not re.search(r"step\s+\d+/", log_path.read_text()):   # training has started
       assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
       time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)

@@ -30,7 +30,7 @@ def _backend_classes(backend: str):
       from faster_coco_eval import COCO, COCOeval_faster
     except ImportError as e:
       raise ImportError("coco backend 'faster_coco_eval' needs `pip install faster-coco-eval`; or set "
-                        "config.eval.coco_backend='pycocotools'") from e
+                        "config.evals.<name>.coco_backend='pycocotools'") from e
     return COCO, COCOeval_faster
   raise ValueError(f"unknown coco backend '{backend}'; known: {', '.join(BACKENDS)}")
 

@@ -29,7 +29,7 @@ from mdssd_jax.evaluation import voc
 # (name, (lowest, highest) longer side in pixels), docs/evaluation.md.
 DEFAULT_SIZE_RANGES: Tuple[Tuple[str, Tuple[float, float]], ...] = (
     ("small", (0.0, 32.0)), ("medium", (32.0, 96.0)), ("large", (96.0, 400.0)))
-# Score above which a detection counts for precision/recall (config.eval.tt100k_score_threshold).
+# Score above which a detection counts for precision/recall (config.evals.<name>.score_threshold of a tt100k entry).
 DEFAULT_SCORE_THRESHOLD = 0.5
 
 
