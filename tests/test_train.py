@@ -169,6 +169,9 @@ DATA_PARALLEL = textwrap.dedent("""
     from configs import tiny_mdssd
     config = tiny_mdssd.get_config()
     config.data.data_dir = {data_dir!r}
+    # The CPU kernels written out: "auto"'s per-platform switch (a single-branch conditional per
+    # deconv/pool site) deadlocks XLA:CPU's in-process collectives on simulated devices.
+    config.model.kernels = "cpu"
     setup = experiment.Setup(config)
     state = setup.initial_state()
     step = jax.jit(train.make_train_step(setup.model, setup.tx, setup.schedule, setup.anchors, config,
