@@ -16,23 +16,14 @@ import time
 
 from absl import logging
 
+from mdssd_jax.data import orphan_guard
+
 LOCK_FILE = ".trainer.lock"
 
 
 class WorkdirBusyError(RuntimeError):
   pass
 
-
-def _pid_alive(pid: int) -> bool:
-  if pid <= 0:
-    return False
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:   # alive, owned by another user
-    return True
-  return True
 
 
 def _read_holder(text: str) -> dict:
@@ -54,7 +45,7 @@ def describe_holder(record: dict) -> str:
 
 def _dead_on_this_host(record: dict) -> bool:
   return (bool(record) and record.get("host") == socket.gethostname()
-          and not _pid_alive(int(record.get("pid", -1))))
+          and not orphan_guard.pid_alive(int(record.get("pid", -1))))
 
 
 class WorkdirLock:

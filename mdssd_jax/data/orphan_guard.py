@@ -35,14 +35,17 @@ def watch_parent(parent_pid: int) -> bool:
     _watching = parent_pid
     # Started by a fork server or similar, the parent is not our direct parent: watch that it lives.
     direct = os.getppid() == parent_pid
-    if not direct and not _alive(parent_pid):
+    if not direct and not pid_alive(parent_pid):
       os._exit(1)  # pylint: disable=protected-access   the parent is gone already
     threading.Thread(target=_watch, args=(parent_pid, direct), name="orphan_guard",
                      daemon=True).start()
   return True
 
 
-def _alive(pid):
+def pid_alive(pid: int) -> bool:
+  """Whether process `pid` exists (on this host); False for pid <= 0."""
+  if pid <= 0:
+    return False
   try:
     os.kill(pid, 0)
   except ProcessLookupError:
@@ -53,7 +56,7 @@ def _alive(pid):
 
 
 def _watch(parent_pid, direct):
-  while (os.getppid() == parent_pid) if direct else _alive(parent_pid):
+  while (os.getppid() == parent_pid) if direct else pid_alive(parent_pid):
     time.sleep(POLL_S)
   os._exit(1)  # pylint: disable=protected-access   no clean-up to run: the parent is gone
 
