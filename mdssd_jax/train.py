@@ -27,6 +27,7 @@ from mdssd_jax import evaluation
 from mdssd_jax import experiment
 from mdssd_jax import losses
 from mdssd_jax import matching
+from mdssd_jax import multihost
 from mdssd_jax import optim
 from mdssd_jax import pixels
 from mdssd_jax import plots
@@ -249,11 +250,16 @@ def _train(config, workdir):
                config.model.architecture, num_steps, step, train_cfg.global_batch_size,
                jax.device_count())
   start_step, start_time = step, time.time()
+  compiled_step = None
   with (_Preemption() as preemption, metric_writers.ensure_flushes(writer), _closing(manager),
         progress):
     while step < num_steps:
       batch = setup.global_batch(next(train_iter))
-      state, metrics = train_step(state, batch)
+      if compiled_step is None:
+        # Compile first, then meet the other processes: the step's collectives start together.
+        compiled_step = train_step.lower(state, batch).compile()
+        multihost.barrier("train_step_compiled")
+      state, metrics = compiled_step(state, batch)
       pending.append(metrics)
       step += 1
       for hook in hooks:

@@ -164,39 +164,91 @@ DATA_PARALLEL = textwrap.dedent("""
     import json, sys
     import jax
     import numpy as np
-    from mdssd_jax import experiment, train
+    mode, port, pid = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    if mode == "two_processes":
+      jax.distributed.initialize(coordinator_address=f"127.0.0.1:{{port}}", num_processes=2,
+                                 process_id=pid)
+    from mdssd_jax import experiment, multihost, train
     from mdssd_jax.data import pipeline
     from configs import tiny_mdssd
     config = tiny_mdssd.get_config()
     config.data.data_dir = {data_dir!r}
-    # The CPU kernels written out: "auto"'s per-platform switch (a single-branch conditional per
-    # deconv/pool site) deadlocks XLA:CPU's in-process collectives on simulated devices.
-    config.model.kernels = "cpu"
+    # SGD: the update is linear in the gradient, so the second loss checks the gradients too (Adam's
+    # first update, about lr * sign(gradient), turns float noise in near-zero gradients into lr-sized
+    # steps).
+    config.train.optimizer = "sgd"
     setup = experiment.Setup(config)
     state = setup.initial_state()
     step = jax.jit(train.make_train_step(setup.model, setup.tx, setup.schedule, setup.anchors, config,
                                          setup.convention))
-    it = pipeline.make_train_iterator(config)
+    if mode == "two_processes":   # each process reads its own shard of every global batch
+      its = [pipeline.make_train_iterator(config, process_index=pid, process_count=2)]
+    else:                         # one process reads both shards and stacks them, process 0's first
+      its = [pipeline.make_train_iterator(config, process_index=p, process_count=2) for p in (0, 1)]
     losses = []
     for _ in range(2):
-      state, metrics = step(state, setup.global_batch(next(it)))
+      parts = [next(it) for it in its]
+      batch = {{k: np.concatenate([p[k] for p in parts]) for k in parts[0]}}
+      batch = setup.global_batch(batch)
+      if not losses:   # as train.py: compile, then meet, so the collectives start together
+        step = step.lower(state, batch).compile()
+        multihost.barrier("compiled")
+      state, metrics = step(state, batch)
       losses.append(float(metrics["loss"]))
-    print(json.dumps(dict(devices=jax.device_count(), losses=losses)))
+    print(json.dumps(dict(processes=jax.process_count(), devices=jax.device_count(), losses=losses)))
 """)
 
 
-def test_one_and_four_devices_give_the_same_loss(data_dir):
+def test_one_process_and_two_data_parallel_processes_give_the_same_loss(data_dir, tmp_path):
+  """The same global batch gives the same loss on one device and split over two processes.
+
+  Two processes with one CPU device each (jax.distributed on 127.0.0.1): the batch is sharded on
+  "data", batch norm and the loss reduce over the global batch through cross-process collectives,
+  and each process reads its own shard. (Simulated devices in one process,
+  --xla_force_host_platform_device_count, are not used: XLA:CPU's in-process collectives can
+  starve its thread pool on a 2-core machine and abort after 40 s, whatever the program.)
+  """
   script = DATA_PARALLEL.format(data_dir=data_dir)
-  results = []
-  for n in (1, 4):
-    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
-                                      + f" --xla_force_host_platform_device_count={n}"))
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
-                          env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-  assert [r["devices"] for r in results] == [1, 4]
-  np.testing.assert_allclose(results[0]["losses"], results[1]["losses"], rtol=2e-4)
+  single = subprocess.run([sys.executable, "-c", script, "single", "0", "0"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+  assert single.returncode == 0, single.stderr[-3000:]
+  port = _free_port()
+  outs = _run_processes([[sys.executable, "-c", script, "two_processes", str(port), str(pid)]
+                         for pid in range(2)], tmp_path)
+  for code, _, err in outs:
+    assert code == 0, err[-3000:]
+  one = json.loads(single.stdout.strip().splitlines()[-1])
+  two = [json.loads(out.strip().splitlines()[-1]) for _, out, _ in outs]
+  assert (one["processes"], one["devices"]) == (1, 1)
+  assert [(r["processes"], r["devices"]) for r in two] == [(2, 2), (2, 2)]
+  assert two[0]["losses"] == two[1]["losses"]          # every process sees the global loss
+  # The first loss is the same function of the same weights and batch: equal to float noise.
+  np.testing.assert_allclose(one["losses"][0], two[0]["losses"][0], rtol=1e-5)
+  # The second checks the averaged gradient through the loss it brought down. Not to float noise:
+  # hard-negative mining ranks negatives by their loss, and noise-level differences can swap two
+  # near-equal negatives at the cut, which leaves the loss unchanged but moves the gradient
+  # (measured: the decreases differ by 1.6%). A gradient summed instead of averaged over the two
+  # devices doubles the SGD step, and with it, to first order, the decrease.
+  decreases = [r["losses"][0] - r["losses"][1] for r in (one, two[0])]
+  assert min(decreases) > 0, decreases
+  np.testing.assert_allclose(decreases[0], decreases[1], rtol=0.1)
+
+
+def _run_processes(cmds, tmp_path, timeout=600):
+  """[(returncode, stdout, stderr)] of commands run at once (the processes of one distributed job).
+
+  Their output goes to files, not pipes: a process blocked on a full pipe, while the test reads
+  another's, would miss the job's shutdown barrier and take the others down with it.
+  """
+  procs, logs = [], []
+  for i, cmd in enumerate(cmds):
+    logs.append((tmp_path / f"process{i}.out", tmp_path / f"process{i}.err"))
+    with open(logs[-1][0], "w") as out, open(logs[-1][1], "w") as err:
+      procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, text=True))
+  deadline = time.time() + timeout
+  for p in procs:
+    p.wait(timeout=max(1, deadline - time.time()))
+  return [(p.returncode, out.read_text(), err.read_text()) for p, (out, err) in zip(procs, logs)]
 
 
 def _free_port():
@@ -208,19 +260,11 @@ def _free_port():
 def test_two_processes_train_together(data_dir, tmp_path):
   port = _free_port()
   workdir = str(tmp_path / "multi")
-  procs = []
-  for pid in range(2):
-    cmd = [sys.executable, os.path.join(ROOT, "main.py"), "--config=configs/tiny_mdssd.py",
-           f"--workdir={workdir}", "--config.train.num_steps=3", f"--config.data.data_dir={data_dir}",
-           "--multihost", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-           f"--process_id={pid}"]
-    procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True))
-  outs = []
-  deadline = time.time() + 600
-  for p in procs:
-    out, err = p.communicate(timeout=max(1, deadline - time.time()))
-    outs.append((p.returncode, out, err))
+  outs = _run_processes([[sys.executable, os.path.join(ROOT, "main.py"), "--config=configs/tiny_mdssd.py",
+                          f"--workdir={workdir}", "--config.train.num_steps=3",
+                          f"--config.data.data_dir={data_dir}", "--multihost",
+                          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                          f"--process_id={pid}"] for pid in range(2)], tmp_path)
   for code, _, err in outs:
     assert code == 0, err[-4000:]
   assert "process 0 of 2" in outs[0][2] and "process 1 of 2" in outs[1][2]

@@ -15,6 +15,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from mdssd_jax import experiment
+from mdssd_jax import multihost
 from mdssd_jax import plots
 from mdssd_jax import predict as predict_lib
 from mdssd_jax import visualize
@@ -24,6 +25,13 @@ from mdssd_jax.evaluation import loop
 
 # AP by object size is AP@0.5 (VOC's matching), whatever the evaluator's own metric.
 SIZE_AP_IOU = 0.5
+
+
+def _gather_across_processes(arrays):
+  """multihost_utils.process_allgather, once every process has finished predicting its share (a
+  process slower to compile or predict would otherwise outlast the gather's collective timeout)."""
+  multihost.barrier("eval_predictions_ready")
+  return multihost_utils.process_allgather(arrays)
 
 
 class Evaluator:
@@ -98,7 +106,7 @@ class Evaluator:
     start = time.time()
     metrics = loop.evaluate_batches(
         self._predict_fn(experiment.model_variables(state)), self.batches, self.metric,
-        process_allgather=(multihost_utils.process_allgather if jax.process_count() > 1 else None),
+        process_allgather=(_gather_across_processes if jax.process_count() > 1 else None),
         on_batch=pictures.add_batch if num_pictures else None)
     predictions, ground_truths = self.metric.images()
     self.size_result = plots.size_bucket_metrics(
