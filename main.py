@@ -14,6 +14,7 @@ import errno
 import logging as logging_std
 import os
 import sys
+import threading
 import traceback
 
 from absl import app
@@ -155,6 +156,37 @@ class _LibraryTracebackFilter(logging_std.Filter):
     return True
 
 
+def _is_closed_event_loop_error(exc_type, exc):
+  return exc_type is RuntimeError and str(exc) == "Event loop is closed"
+
+
+def _hide_closed_event_loop_errors():
+  """Default verbosity: the "Event loop is closed" errors of a failed asynchronous save go unshown.
+
+  When a checkpoint write fails (a full disk), Orbax closes the save's event loop while TensorStore
+  still completes the other writes; each completion posts to the closed loop, and Python prints
+  that RuntimeError (through sys.excepthook, sys.unraisablehook or threading.excepthook), dozens
+  of times, before the write error itself reaches the one message of `_main_reporting_errors`.
+  """
+  previous_hook, previous_thread_hook = sys.excepthook, threading.excepthook
+  previous_unraisable_hook = sys.unraisablehook
+
+  def hook(exc_type, exc, tb):
+    if not _is_closed_event_loop_error(exc_type, exc):
+      previous_hook(exc_type, exc, tb)
+
+  def thread_hook(args):
+    if not _is_closed_event_loop_error(args.exc_type, args.exc_value):
+      previous_thread_hook(args)
+
+  def unraisable_hook(args):
+    if not _is_closed_event_loop_error(args.exc_type, args.exc_value):
+      previous_unraisable_hook(args)
+
+  sys.excepthook, threading.excepthook = hook, thread_hook
+  sys.unraisablehook = unraisable_hook
+
+
 def _main_reporting_errors(argv):
   """main(), ending any failure in ONE message (the cause and the fix) and exit status 1.
 
@@ -165,6 +197,7 @@ def _main_reporting_errors(argv):
   if flags.FLAGS.verbosity < 1:
     for handler in logging_std.root.handlers:
       handler.addFilter(_LibraryTracebackFilter())
+    _hide_closed_event_loop_errors()
   try:
     return main(argv)
   except (app.UsageError, SystemExit, KeyboardInterrupt):
