@@ -284,13 +284,13 @@ def device_table(args):
   lines += [header, "|" + "---|" * (header.count("|") - 1)]
   print("\n".join(lines), flush=True)
 
-  def row(name, batch, step_s, compile_s, gflops, split):
+  def row(name, batch, step_s, compile_s, gflops, split, note=""):
     tflops = gflops / step_s / 1e3
     mfu = f"{100 * tflops / peak:.1f}%" if peak else "n/a"
     size = configs[name].model.input_size_px
     rate = f"{rates[size]:.0f} ({size} px)" if size in rates else "not measured"
     model_ms, loss_ms, opt_ms = (f"{v:.1f}" for v in split) if split else ("-",) * 3
-    text = (f"| {name} | {batch} | {batch / step_s:.1f} | {tflops:.2f} | {mfu} | "
+    text = (f"| {name} | {batch}{note} | {batch / step_s:.1f} | {tflops:.2f} | {mfu} | "
             f"{gflops / batch:.1f} | {1e3 * step_s:.1f} | {model_ms} | {loss_ms} | {opt_ms} | "
             f"{compile_s:.1f} | {rate} |")
     rows.append(text)
@@ -306,8 +306,8 @@ def device_table(args):
       found = largest_batch(pieces, max(args.batch), args.max_batch, args.repeats, deadline)
       if found:
         batch, step_s, compile_s, gflops, _ = found
-        row(name, f"{batch} (largest{' tried' if batch * 2 > args.max_batch else ''})", step_s,
-            compile_s, gflops, None)
+        row(name, batch, step_s, compile_s, gflops, None,
+            note=f" (largest{' tried' if batch * 2 > args.max_batch else ''})")
     del pieces
   table = "\n".join(lines + rows) + "\n"
   if rates:
