@@ -30,19 +30,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from benchmarks.bench_train import median_seconds  # pylint: disable=wrong-import-position
 from mdssd_jax import experiment, export, models, pixels, predict  # pylint: disable=wrong-import-position
 
 BATCHES = (1, 8)
-
-
-def _median_s(fn, repeats):
-  fn()   # warm-up: compilation, allocation
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
 
 
 def bench_config(name, repeats):
@@ -62,7 +53,7 @@ def bench_config(name, repeats):
 
   jitted = jax.jit(predict.make_predict_fn(model, anchors, config, convention))
   for b in BATCHES:
-    rows[("JAX predict (jit, CPU)", b)] = _median_s(
+    rows[("JAX predict (jit, CPU)", b)] = median_seconds(
         lambda b=b: jax.block_until_ready(jitted(variables, images[b])), repeats)
 
   with tempfile.TemporaryDirectory() as tmp:
@@ -74,7 +65,7 @@ def bench_config(name, repeats):
     serve = tf.saved_model.load(os.path.join(out, "saved_model")).signatures["serving_default"]
     for b in BATCHES:
       tensor = tf.constant(images[b])
-      rows[("SavedModel (TF 2.21, XLA)", b)] = _median_s(
+      rows[("SavedModel (TF 2.21, XLA)", b)] = median_seconds(
           lambda t=tensor: serve(images=t)["num_detections"].numpy(), repeats)
     # TF 2.21 warns that tf.lite.Interpreter moves to the ai_edge_litert package; it still works.
     warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
@@ -84,7 +75,7 @@ def bench_config(name, repeats):
       def run_tflite(b=b):
         for i in range(b):
           runner(images=images[b][i:i + 1])
-      rows[("TFLite interpreter (no NMS)", b)] = _median_s(run_tflite, repeats)
+      rows[("TFLite interpreter (no NMS)", b)] = median_seconds(run_tflite, repeats)
     tflite_mb = os.path.getsize(os.path.join(out, "model.tflite")) / 2**20
   return rows, dict(export_s=export_s, tflite_mb=tflite_mb, params=models.count_params(variables["params"]),
                     size=size, anchors=len(anchors))
