@@ -4,7 +4,13 @@
 
 trains on a laptop CPU in minutes with nothing downloaded. The architecture is MDSSD's (VGG16 trunk,
 three Fusion Blocks upsampling 8x, seven heads) at 1/8 width on 192 px images, so that it trains on
-two CPU cores; objects are 8-40 px, as small relative to the image as VOC's small objects at 300 px.
+two CPU cores; objects are 8-40 px, as small relative to the image as VOC's small objects at 300 px,
+and a class is its shape alone (the data set's default), so the detector must see outlines.
+
+What makes 600 steps enough (README, "The CPU demo", measured on shape-only data): AdamW at a high
+learning rate for a batch-norm net (6e-3, warm-up 50 steps) and up to 24 objects per image (more
+positive default boxes per step at the same compute). The learning rate, schedule and object count
+are the demo's; the paper configs keep Caffe's SGD recipe.
 """
 
 from configs import common
@@ -36,9 +42,12 @@ def get_config():
   c.data.synthetic.max_object_px = 40
   c.data.synthetic.num_train = 4000
   c.data.synthetic.num_test = 200
-  # One hue per class on top of the shape, so that a 1/8-width detector trained from scratch on two
-  # CPU cores reaches a useful mAP in minutes; set False for shape-only classes (needs longer).
-  c.data.synthetic.colour_by_class = True
+  # Shape-only classes (the data set's default; True gives each class its own hue, a much easier
+  # task that teaches little about small objects).
+  c.data.synthetic.colour_by_class = False
+  # 0..24 objects per image (the data set's default is 12): twice the positives per step, the same
+  # compute per step.
+  c.data.synthetic.max_objects = 24
   c.data.synthetic.max_distractors = 2
   c.data.train_split = "train"
   c.data.eval_split = "test"
@@ -47,12 +56,14 @@ def get_config():
   c.augment.expand_prob = 0.0      # zooming out would shrink 8 px objects to a few pixels
 
   c.train.optimizer = "adamw"       # converges in minutes from scratch; SGD is the paper's choice
-  c.train.base_lr = 2e-3
+  # Measured on shape-only data, seed 0, step 600 (README): 2e-3 with warm-up 100 gives 0.70 mAP,
+  # 4e-3 with warm-up 50 gives 0.93, 6e-3 gives 0.94 (and is ahead at every evaluation).
+  c.train.base_lr = 6e-3
   c.train.weight_decay = 1e-4
   c.train.global_batch_size = 8
   c.train.reference_batch_size = 8
   c.train.num_steps = 600
-  c.train.warmup_steps = 100
+  c.train.warmup_steps = 50
   c.train.warmup_factor = 0.1
   c.train.lr_decay_steps = (450, 550)
   c.train.log_every_steps = 50

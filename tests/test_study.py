@@ -24,7 +24,8 @@ def quick_study(tmp_path_factory):
   """Runs `--quick` on two variants into a tmp folder; returns (results dict, folder)."""
   folder = tmp_path_factory.mktemp("study")
   out = os.path.join(folder, "study.json")
-  cmd = [sys.executable, "-m", "benchmarks.study_small_objects", "--quick",
+  # Two workers: the runs train side by side, and the trained-trunk run must wait for its source.
+  cmd = [sys.executable, "-m", "benchmarks.study_small_objects", "--quick", "--workers=2",
          f"--variants={','.join(QUICK_VARIANTS)}", f"--out={out}",
          f"--workdir={os.path.join(folder, 'runs')}", f"--data_dir={os.path.join(folder, 'tfds')}"]
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
@@ -146,3 +147,15 @@ def test_mdssd_is_the_paper_fusion_on_a_batch_norm_trunk():
     fusion = variables["params"]["fusion1"]
     assert any(k.endswith("_bn") for k in fusion) == fusion_bn
     assert ("bias" in fusion["out_conv"]) == (not fusion_bn)
+
+
+def test_runs_follow_the_demo_schedule_stretched_to_their_steps():
+  """Warm-up and learning-rate decays sit at the same fractions of a run as in the demo's schedule."""
+  from configs import demo_synthetic
+  demo = demo_synthetic.get_config().train
+  for init, steps in (("scratch", study.FULL.steps), ("trained_trunk", study.FULL.trained_trunk_steps)):
+    train_cfg = study.variant_config("mdssd_bn", "shape", study.FULL, 0, init=init).train
+    assert train_cfg.num_steps == steps
+    assert train_cfg.warmup_steps == round(demo.warmup_steps * steps / demo.num_steps)
+    assert list(train_cfg.lr_decay_steps) == [round(s * steps / demo.num_steps)
+                                              for s in demo.lr_decay_steps]
