@@ -33,12 +33,6 @@ PLOTS_DIR = "plots"
 AP_KEY_PREFIX = "AP_size/"
 
 
-def longer_side_px(boxes_px: np.ndarray) -> np.ndarray:
-  """(N, 4) corner form, pixels -> (N,) max(width, height), continuous (x2 - x1, no +1)."""
-  boxes_px = np.asarray(boxes_px, np.float64).reshape(-1, 4)
-  return np.maximum(boxes_px[:, 2] - boxes_px[:, 0], boxes_px[:, 3] - boxes_px[:, 1])
-
-
 def check_size_buckets(size_buckets, where: str = "config.eval.size_buckets_px"):
   """((name, lo, hi), ...) as floats; one clear error for a malformed or overlapping list."""
   out = []
@@ -127,18 +121,13 @@ def size_bucket_metrics(predictions: Sequence[Mapping[str, Any]],
   buckets = check_size_buckets(size_buckets, "size_buckets")
   dets = voc.flatten_predictions(predictions)
   gts = voc.flatten_ground_truths(ground_truths)
-  det_size = longer_side_px(dets["boxes"])
-  gt_size = longer_side_px(gts["boxes"])
+  det_size = voc.longer_side_px(dets["boxes"])
+  gt_size = voc.longer_side_px(gts["boxes"])
   per_class: Dict[str, Dict[int, float]] = {name: {} for name, _, _ in buckets}
   pooled: Dict[str, List[Tuple[np.ndarray, np.ndarray, np.ndarray]]] = {n: [] for n, _, _ in buckets}
   for label in np.unique(gts["labels"]).tolist():
     m = voc.match_class(dets, gts, label, len(ground_truths), iou_threshold, pixel_offset)
-    hit = m["best_iou"] > iou_threshold
-    own = det_size[m["order"]]
-    via_gt = gt_size[np.maximum(m["best_gt"], 0)] if len(gt_size) else own
-    bucket_size = np.where(hit, via_gt, own)
-    gt_sizes = gt_size[m["gt_index"]]
-    gt_ok = ~gts["difficult"][m["gt_index"]]
+    bucket_size, gt_sizes, gt_ok = voc.sizes_for_buckets(m, gts, det_size, gt_size, iou_threshold)
     scores = dets["scores"][m["order"]]
     for name, lo, hi in buckets:
       num_positives = int(np.sum(gt_ok & _in_bucket(gt_sizes, lo, hi)))

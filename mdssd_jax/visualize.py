@@ -307,6 +307,7 @@ class PictureCollector:
       orig_size_hw: the original image's (height, width); None = the same as `image`.
     """
     from mdssd_jax import plots  # pylint: disable=g-import-not-at-top
+    from mdssd_jax.evaluation import voc  # pylint: disable=g-import-not-at-top
     if self.num_pictures <= 0:
       return
     arrival = self._seen
@@ -321,7 +322,7 @@ class PictureCollector:
                       scores=scores[shown], labels=np.asarray(classes).reshape(-1)[shown])
     missed = plots.missed_ground_truths(prediction, dict(boxes=gt_boxes_px, labels=gt_labels),
                                         self.iou_threshold, self.score_threshold, self.pixel_offset)
-    small = plots.longer_side_px(gt_boxes_px) < self.small_object_px
+    small = voc.longer_side_px(gt_boxes_px) < self.small_object_px
     count = int(np.sum(missed & small))
     key = (count, -arrival)
     if len(self._heap) >= self.num_pictures and key <= self._heap[0][:2]:

@@ -33,12 +33,6 @@ DEFAULT_SIZE_RANGES: Tuple[Tuple[str, Tuple[float, float]], ...] = (
 DEFAULT_SCORE_THRESHOLD = 0.5
 
 
-def longer_side_px(boxes_px: np.ndarray) -> np.ndarray:
-  """(N, 4) corner form pixels -> (N,) max(width, height), continuous (no +1)."""
-  boxes_px = np.asarray(boxes_px, np.float64).reshape(-1, 4)
-  return np.maximum(boxes_px[:, 2] - boxes_px[:, 0], boxes_px[:, 3] - boxes_px[:, 1])
-
-
 def _ranges_with_all(size_ranges) -> List[Tuple[str, Tuple[float, float]]]:
   size_ranges = [(str(n), (float(lo), float(hi))) for n, (lo, hi) in size_ranges]
   lo = min(r[0] for _, r in size_ranges)
@@ -121,8 +115,8 @@ def evaluate(predictions: Sequence[Mapping[str, Any]], ground_truths: Sequence[M
                      "dicts; need one of each per image, in the same order")
   dets = voc.flatten_predictions(predictions)
   gts = voc.flatten_ground_truths(ground_truths)
-  det_size = longer_side_px(dets["boxes"])
-  gt_size = longer_side_px(gts["boxes"])
+  det_size = voc.longer_side_px(dets["boxes"])
+  gt_size = voc.longer_side_px(gts["boxes"])
   buckets = _ranges_with_all(size_ranges)
   out: Dict[str, Any] = {"AP": {}, "counts": {}}
 
@@ -145,12 +139,7 @@ def evaluate(predictions: Sequence[Mapping[str, Any]], ground_truths: Sequence[M
   per_bucket: Dict[str, Dict[int, float]] = {name: {} for name, _ in buckets}
   for label in np.unique(gts["labels"]).tolist():
     m = voc.match_class(dets, gts, label, len(ground_truths), iou_threshold, pixel_offset=0.0)
-    hit = m["best_iou"] > iou_threshold
-    own = det_size[m["order"]]
-    via_gt = gt_size[np.maximum(m["best_gt"], 0)] if len(gt_size) else own
-    bucket_size = np.where(hit, via_gt, own)
-    gt_sizes = gt_size[m["gt_index"]]
-    gt_ok = ~gts["difficult"][m["gt_index"]]
+    bucket_size, gt_sizes, gt_ok = voc.sizes_for_buckets(m, gts, det_size, gt_size, iou_threshold)
     for name, size_range in buckets:
       num_positives = int(np.sum(gt_ok & _in_range(gt_sizes, size_range)))
       if num_positives == 0:

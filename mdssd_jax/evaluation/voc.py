@@ -221,6 +221,33 @@ def match_class(dets: Mapping[str, np.ndarray], gts: Mapping[str, np.ndarray], l
               num_positives=int(np.sum(~difficult)), gt_index=gt_idx)
 
 
+def longer_side_px(boxes_px: np.ndarray) -> np.ndarray:
+  """(N, 4) corner form, pixels -> (N,) max(width, height), continuous (x2 - x1, no +1)."""
+  boxes_px = np.asarray(boxes_px, np.float64).reshape(-1, 4)
+  return np.maximum(boxes_px[:, 2] - boxes_px[:, 0], boxes_px[:, 3] - boxes_px[:, 1])
+
+
+def sizes_for_buckets(m: Mapping[str, np.ndarray], gts: Mapping[str, np.ndarray],
+                      det_size_px: np.ndarray, gt_size_px: np.ndarray, iou_threshold: float):
+  """The sizes that put one class's detections and ground truths into size buckets.
+
+  A detection that overlaps a ground truth above `iou_threshold` is judged at that ground truth's
+  size (a slightly loose box of a 15 px object stays "tiny"); any other detection at its own size.
+
+  Args:
+    m: `match_class`'s dict of the class; gts: `flatten_ground_truths`'s dict.
+    det_size_px (D,), gt_size_px (G,): longer sides of all flat detections and ground truths.
+  Returns:
+    det_bucket_size_px (D_c,) in m["order"]'s (score) order; class_gt_size_px (G_c,) and
+    class_gt_not_difficult (G_c,) bool of the class's ground truths, in m["gt_index"]'s order.
+  """
+  hit = m["best_iou"] > iou_threshold
+  own = det_size_px[m["order"]]
+  via_gt = gt_size_px[np.maximum(m["best_gt"], 0)] if len(gt_size_px) else own
+  return (np.where(hit, via_gt, own), gt_size_px[m["gt_index"]],
+          ~gts["difficult"][m["gt_index"]])
+
+
 def evaluate(predictions: Sequence[Mapping[str, Any]], ground_truths: Sequence[Mapping[str, Any]],
              iou_threshold: float = 0.5, use_07_metric: bool = True) -> Dict[str, Any]:
   """VOC mAP.
