@@ -236,6 +236,98 @@ def read_curve(workdir):
           for s, r in sorted(by_step.items())]
 
 
+# Fusion Block branches switched off at test time (`branch_ablation`): the L2Norm of each is the
+# last layer before the sum, so a zero scale removes that branch from the sum.
+BRANCHES = ("deep", "shallow")
+ABLATION_FILE = "branch_ablation.json"
+
+
+def fusion_blocks(params):
+  """Names of the Fusion Blocks in a detector's params (the subtrees with both branch norms)."""
+  return [name for name, sub in params.items()
+          if hasattr(sub, "keys") and {f"{b}_norm" for b in BRANCHES} <= set(sub.keys())]
+
+
+def branch_off(params, branch):
+  """A copy of `params` whose Fusion Blocks' `branch` ("deep" | "shallow") L2Norm scales are zero:
+  every block's output then depends on its other branch alone. `params` is not changed."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  if branch not in BRANCHES:
+    raise ValueError(f"unknown Fusion Block branch {branch!r}; known: {BRANCHES}")
+  out = dict(params)
+  for name in fusion_blocks(params):
+    block = dict(params[name])
+    block[f"{branch}_norm"] = dict(block[f"{branch}_norm"],
+                                   scale=jnp.zeros_like(block[f"{branch}_norm"]["scale"]))
+    out[name] = block
+  return out
+
+
+def branch_ablation(config, run_dir):
+  """AP of a finished MDSSD run's last checkpoint, intact and with each Fusion Block branch off.
+
+  The same checkpoint and test images, evaluated three times: as trained ("intact"), with the
+  deep branch's L2Norm scale set to zero in every Fusion Block ("deep_off": the heads see the
+  shallow map alone), and with the shallow branch's ("shallow_off"). Batch-norm statistics stay
+  the trained ones, so a branch's loss also shifts what the layers after the sum see: the figures
+  say how much the trained block leans on each branch, not what a block without it would learn.
+  Returns {"intact" | "deep_off" | "shallow_off": {"all", "tiny", "small", "medium"}}, cached in
+  the run's folder (a rerun reads it back).
+  """
+  cache = os.path.join(run_dir, ABLATION_FILE)
+  if os.path.exists(cache):
+    with open(cache) as f:
+      return json.load(f)
+  from mdssd_jax import evaluation  # pylint: disable=g-import-not-at-top
+  from mdssd_jax import experiment  # pylint: disable=g-import-not-at-top
+  setup, state, step = experiment.load_checkpoint(config, run_dir)
+  evaluator = evaluation.make_evaluators(setup)[EVALUATOR]
+  blocks = fusion_blocks(state["params"])
+  if len(blocks) != len(config.model.fusions):
+    raise ValueError(f"{run_dir}: expected {len(config.model.fusions)} Fusion Blocks in the "
+                     f"checkpoint, found {blocks}")
+  out = {}
+  for branch in (None,) + BRANCHES:
+    params = branch_off(state["params"], branch) if branch else state["params"]
+    metrics = evaluator.run(dict(state, params=params), step)
+    out[f"{branch}_off" if branch else "intact"] = dict(
+        all=_ap(metrics["mAP"]), **{b: _ap(metrics.get(f"AP_size/{b}", float("nan"))) for b in BUCKETS})
+  with open(cache + ".tmp", "w") as f:
+    json.dump(out, f)
+  os.replace(cache + ".tmp", cache)
+  return out
+
+
+def run_ablations(out, workdir, data_dir=""):
+  """`branch_ablation` of every finished MDSSD run in `out` that still lacks one; saved into `out`
+  under "ablation": [{"variant", "seed", "data", "init", "intact", "deep_off", "shallow_off"}]."""
+  results = load_results(out)
+  if not results["runs"]:
+    return results
+  _use_compile_cache(workdir)
+  budget = Budget(**results["budget"], seeds=())
+  have = {(a["variant"], a["data"], a["init"], a["seed"]) for a in results.get("ablation", [])}
+  new = []
+  for r in results["runs"]:
+    key = (r["variant"], r["data"], r["init"], r["seed"])
+    if r["family"] != "mdssd" or key in have:
+      continue
+    run_dir = os.path.join(workdir, run_name(*key))
+    if latest_step(run_dir) != r["steps"]:
+      print(f"== no branch ablation of {run_name(*key)}: its final checkpoint is not in {run_dir}",
+            flush=True)
+      continue
+    print(f"== branch ablation of {run_name(*key)}", flush=True)
+    config = variant_config(r["variant"], r["data"], budget, r["seed"], data_dir, r["init"])
+    new.append(dict(variant=r["variant"], seed=r["seed"], data=r["data"], init=r["init"],
+                    **branch_ablation(config, run_dir)))
+  if new:
+    results = load_results(out)   # read again: only the "ablation" list is this function's
+    results["ablation"] = results.get("ablation", []) + new
+    save_results(out, results)
+  return results
+
+
 def _ap(value):
   """An AP as a JSON number; NaN (a bucket with no ground truth) as None."""
   value = float(value)
@@ -393,18 +485,22 @@ def _start_run(key, budget, workdir, data_dir, cpu, log):
   return proc, output
 
 
+def _use_compile_cache(workdir):
+  """Runs of one variant (every seed, both regimes, every sitting) compile the same programs: keep
+  them on disk under `workdir`, since a compile costs minutes on a loaded 2-core CPU."""
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(workdir), "jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
 def one_run(spec):
   """A child process's work: prepares (trained trunk) and trains one run; returns its exit code."""
   if spec["cpu"] is not None:
     os.sched_setaffinity(0, {spec["cpu"]})   # before JAX starts its threads
   from mdssd_jax.data import orphan_guard  # pylint: disable=g-import-not-at-top
   orphan_guard.watch_parent(os.getppid())    # the study was killed: stop too
-  import jax  # pylint: disable=g-import-not-at-top
   workdir, data_dir = spec["workdir"], spec["data_dir"]
-  # Runs of one variant (every seed, both regimes, every sitting) compile the same programs: keep
-  # them on disk, since a compile costs minutes on a loaded 2-core CPU.
-  jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(workdir), "jax_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  _use_compile_cache(workdir)
   budget = Budget(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["budget"].items()})
   variant, data, init, seed = spec["key"]
   config = variant_config(variant, data, budget, seed, data_dir, init)
@@ -491,7 +587,28 @@ def tables(results):
                    f"{len(runs)} | {r0['steps']} | " + " | ".join(cells) + f" | {minutes:.1f} |")
     lines.append("")
     lines.append(verdict(by_variant, init))
+    ablation = [a for a in results.get("ablation", []) if (a["data"], a["init"]) == (data, init)]
+    if ablation:
+      lines.append("")
+      lines.extend(ablation_table(ablation))
   return "\n".join(lines)
+
+
+def ablation_table(ablation):
+  """Markdown lines: AP with every Fusion Block intact, with its deep branch off and with its
+  shallow branch off (mean ± std over seeds), per MDSSD variant."""
+  states = ("intact",) + tuple(f"{b}_off" for b in BRANCHES)
+  lines = ["Fusion Block branches switched off at test time (the same checkpoints and test images; "
+           "`branch_ablation` in the script):", "",
+           "| variant | seeds | " + " | ".join(f"mAP {s.replace('_', ' ')}" for s in states) + " | "
+           + " | ".join(f"AP tiny {s.replace('_', ' ')}" for s in states) + " |",
+           "|---|---|" + "---|" * (2 * len(states))]
+  order = list(VARIANTS)
+  for variant in sorted({a["variant"] for a in ablation}, key=order.index):
+    rows = [a for a in ablation if a["variant"] == variant]
+    cells = [_fmt(*_mean_std([a[s][k] for a in rows])) for k in ("all", "tiny") for s in states]
+    lines.append(f"| {variant} | {len(rows)} | " + " | ".join(cells) + " |")
+  return lines
 
 
 def verdict(by_variant, init):
@@ -571,6 +688,9 @@ def main():
   parser.add_argument("--workers", type=int, default=1,
                       help="runs trained side by side, each in its own process pinned to a core "
                            "(for machines with more cores than one small run keeps busy)")
+  parser.add_argument("--ablation", action="store_true",
+                      help="only the branch ablation of the finished MDSSD runs (the full study ends "
+                           "with it), then the tables")
   parser.add_argument("--one_run", default=None, help=argparse.SUPPRESS)  # a child's run (JSON)
   args = parser.parse_args()
   if args.one_run:
@@ -591,7 +711,10 @@ def main():
       budget = dataclasses.replace(
           budget, variants=chosen,
           trained_trunk_variants=tuple(v for v in TRAINED_TRUNK_VARIANTS if v in chosen))
-    run_study(budget, args.out, args.workdir, args.data_dir, args.workers)
+    if not args.ablation:
+      run_study(budget, args.out, args.workdir, args.data_dir, args.workers)
+    if not _Stop.requested:
+      run_ablations(args.out, args.workdir, args.data_dir)
   results = load_results(args.out)
   print(tables(results))
   if plot(results, plot_path):

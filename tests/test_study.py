@@ -64,6 +64,23 @@ def test_quick_study_writes_one_valid_run_per_variant_regime_and_seed(quick_stud
   assert by_variant["mdssd_bn"]["gflops"] > by_variant["ssd"]["gflops"]
 
 
+def test_quick_study_ablates_the_branches_of_every_mdssd_run(quick_study):
+  results, _, _ = quick_study
+  runs = {(r["variant"], r["init"], r["seed"]): r for r in results["runs"] if r["family"] == "mdssd"}
+  ablation = {(a["variant"], a["init"], a["seed"]): a for a in results["ablation"]}
+  assert set(ablation) == set(runs) and len(ablation) == len(results["ablation"])
+  for key, entry in ablation.items():
+    assert set(entry) == {"variant", "seed", "data", "init", "intact", "deep_off", "shallow_off"}
+    for k in ("all",) + study.BUCKETS:
+      # "intact" re-evaluates the run's last checkpoint: the run's own final numbers.
+      if runs[key]["ap"][k] is None:
+        assert entry["intact"][k] is None
+      else:
+        assert entry["intact"][k] == pytest.approx(runs[key]["ap"][k], abs=1e-6)
+      for state in ("deep_off", "shallow_off"):
+        assert entry[state][k] is None or 0.0 <= entry[state][k] <= 1.0
+
+
 def test_quick_study_rerun_skips_finished_runs_and_table_redraws_plot(quick_study):
   results, folder, _ = quick_study
   out = os.path.join(folder, "study.json")
@@ -113,6 +130,17 @@ def test_tables_report_mean_sample_std_and_verdict(tmp_path):
   runs_close += [_fake_run("mdssd_bn", "mdssd", s, t) for s, t in enumerate([0.52, 0.62, 0.42])]
   assert "no measurable difference" in study.tables({"recipe": {}, "budget": None,
                                                      "runs": runs_close})
+  ablation = [dict(variant="mdssd_bn", seed=s, data="shape", init="scratch",
+                   intact=dict(all=0.5, tiny=t, small=0.5, medium=0.5),
+                   deep_off=dict(all=0.4, tiny=t - 0.1, small=0.4, medium=0.4),
+                   shallow_off=dict(all=0.1, tiny=0.0, small=0.1, medium=0.1))
+              for s, t in enumerate(fused)]
+  text = study.tables(dict(results, ablation=ablation))
+  row = next(line for line in text.splitlines() if line.startswith("| mdssd_bn | 3 |"))
+  assert row.split(" | ")[2:] == ["0.500 ± 0.000", "0.400 ± 0.000", "0.100 ± 0.000",
+                                  f"{sum(fused) / 3:.3f} ± {sample_std(fused):.3f}",
+                                  f"{sum(fused) / 3 - 0.1:.3f} ± {sample_std(fused):.3f}",
+                                  "0.000 ± 0.000 |"]
   path = study.plot(results, str(tmp_path / "p.png"))
   assert os.path.getsize(path) > 0
   assert np.isclose(study._mean_std(fused)[1], np.std(fused, ddof=1))
@@ -159,3 +187,29 @@ def test_runs_follow_the_demo_schedule_stretched_to_their_steps():
     assert train_cfg.warmup_steps == round(demo.warmup_steps * steps / demo.num_steps)
     assert list(train_cfg.lr_decay_steps) == [round(s * steps / demo.num_steps)
                                               for s in demo.lr_decay_steps]
+
+
+@pytest.mark.parametrize("branch", study.BRANCHES)
+def test_branch_off_makes_a_fusion_block_blind_to_that_branch(branch):
+  """With a branch switched off, changing that branch's input map leaves the block's output as it
+  is; the other branch still matters; the trained parameters are left as they were."""
+  import jax
+  from mdssd_jax import models
+  block = models.FusionBlock(deconv_features=4, out_features=3, batch_norm=True)
+  keys = jax.random.split(jax.random.PRNGKey(0), 5)
+  shallow = jax.random.normal(keys[0], (2, 12, 12, 5))
+  deep = jax.random.normal(keys[1], (2, 2, 2, 6))     # 2 -> 3 -> 6 -> 12
+  variables = block.init(keys[2], shallow, deep)
+  params = {"fusion1": variables["params"], "head": {"kernel": np.ones(3)}}
+  off = study.branch_off(params, branch)
+  apply = lambda p, s, d: block.apply({"params": p["fusion1"], "batch_stats": variables["batch_stats"]},
+                                      s, d)
+  other_shallow = jax.random.normal(keys[3], shallow.shape)
+  other_deep = jax.random.normal(keys[4], deep.shape)
+  changed = (shallow, other_deep) if branch == "deep" else (other_shallow, deep)
+  kept = (other_shallow, deep) if branch == "deep" else (shallow, other_deep)
+  np.testing.assert_array_equal(apply(off, shallow, deep), apply(off, *changed))
+  assert not np.allclose(apply(off, shallow, deep), apply(off, *kept))
+  assert not np.allclose(apply(params, shallow, deep), apply(params, *changed))
+  assert np.all(np.asarray(params["fusion1"][f"{branch}_norm"]["scale"]) == 20.0)  # not modified
+  assert off["head"] is params["head"]
