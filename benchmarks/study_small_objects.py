@@ -2,6 +2,7 @@
 
     python -m benchmarks.study_small_objects                  # the full study (resumable)
     python -m benchmarks.study_small_objects --table          # README tables + plot from the JSON
+    python -m benchmarks.study_small_objects --ablation       # the branch ablation alone
     python -m benchmarks.study_small_objects --quick --out=/tmp/q/study.json --workdir=/tmp/q
 
 (from the repository root). Every detector is the CPU demo's (configs/demo_synthetic.py: VGG16
@@ -33,6 +34,8 @@ to a core: for machines with more cores than one small run keeps busy (on this p
 two workers train at 1.1 steps/s each where one run alone trains at 2.2: no gain but overlapped
 compiles and evaluations). SIGTERM checkpoints the running runs and stops the study (a kill -9 loses
 at most the steps since each run's last checkpoint).
+The study ends with a test-time ablation of every finished MDSSD run (`branch_ablation`: the deep
+or the shallow branch of every Fusion Block switched off; --ablation runs it alone).
 --table rebuilds the markdown tables and the learning-curve plot from the JSON alone.
 """
 
