@@ -12,7 +12,12 @@ augmentation of generated JPEGs, benchmarks/bench_input.py), so the table says w
 
 CPU comparison with torchvision (torch is a benchmark-only dependency, not a requirement):
 
-    python -m benchmarks.bench_train --torch_cpu --batch=4 --variants=default,bf16,eigen_off
+    python -m benchmarks.bench_train --torch_cpu --batch=4 --torch_python=VENV/bin/python
+
+prints the whole step (ours per variant / torchvision's) and then, per convolution shape of the
+model, forward and forward + backward of XLA's convolution, our CPU form and torch's Conv2d
+(benchmarks/conv_layers.py). The torch side (benchmarks/torch_cpu.py) needs only torch and
+torchvision.
 
 Random images and boxes stand in for data and nothing is downloaded. Each variant of the CPU
 comparison runs in a fresh process (XLA reads its flags once) next to a torchvision measurement in
@@ -30,6 +35,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # pylint: disable=g-import-not-at-top
+
+from benchmarks import conv_layers  # pylint: disable=g-import-not-at-top
+from benchmarks import torch_cpu  # pylint: disable=g-import-not-at-top  (numpy only; torch lazily)
 
 # bf16 dense (no sparsity) peak TFLOP/s per device, from the vendors' data sheets; matched in order
 # against jax's device_kind (or nvidia-smi's name). SXM figures for H100/H200; PCIe H100 is lower.
@@ -50,6 +58,8 @@ CPU_VARIANTS = {
     "opt_level1": ("--xla_backend_optimization_level=1", {}, "backend optimisation level 1"),
     "bf16": ("", {"model.dtype": "bfloat16"}, "bfloat16 compute"),
     "kernels_native": ("", {"model.kernels": "native"}, "GPU/TPU kernels (reduce_window pool)"),
+    "conv_grads_xla": ("", {"_xla_conv_grads": True},
+                       "XLA's own conv weight gradients (the CPU form's matmuls off)"),
     "prenormalised": ("", {"_prenormalised": True},
                       "float input normalised outside the step (the normalisation's cost)"),
 }
@@ -84,25 +94,11 @@ def quick_config(config):
 
 
 def random_batch(config, batch, rng):
-  size, max_boxes = config.model.input_size_px, config.data.max_boxes
-  xy = rng.uniform(0, 0.8, (batch, max_boxes, 2))
-  wh = rng.uniform(0.02, 0.2, (batch, max_boxes, 2))
-  boxes = np.concatenate([xy, np.minimum(xy + wh, 1.0)], -1).astype(np.float32)
-  labels = rng.integers(1, config.model.num_classes + 1, (batch, max_boxes)).astype(np.int32)
-  labels[:, max_boxes // 4:] = 0   # a quarter of the slots hold boxes, as in VOC-like data
-  images = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
-  return dict(image=images, boxes=boxes, labels=labels)
+  return torch_cpu.random_arrays(batch, config.model.input_size_px, config.data.max_boxes,
+                                 config.model.num_classes, rng)
 
 
-def median_seconds(fn, repeats):
-  """Median wall time of fn() (which blocks), after one warm-up call."""
-  fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+median_seconds = torch_cpu.median_seconds
 
 
 class Pieces:
@@ -121,12 +117,31 @@ class Pieces:
 
   def train_step(self, prenormalised=False):
     """The library's train step; prenormalised: it takes float images already normalised."""
+    _clu_without_tensorflow()
     from mdssd_jax import train  # pylint: disable=g-import-not-at-top
     # Prenormalised: the step's normalisation becomes the identity (range 255, mean 0, std 1), so
     # it passes the floats it is given; XLA folds the multiply by 1.
     identity = dict(channel_order="RGB", input_range=255.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     return train.make_train_step(self.model, self.tx, self.schedule, self.anchors, self.config,
                                  identity if prenormalised else self.convention)
+
+
+def _clu_without_tensorflow():
+  """Lets mdssd_jax.train import where TensorFlow is absent, as on a lent GPU machine with no network
+  (benchmarks/device_check.sh; TF is too big to carry there): clu.metric_writers imports its TF
+  summary writer when it is imported, and a bench step never writes summaries, so a placeholder
+  module stands in for that one module. Does nothing where TensorFlow is installed."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+  name = "clu.metric_writers.summary_writer"
+  if name in sys.modules or importlib.util.find_spec("tensorflow") is not None:
+    return
+
+  def summary_writer(*args, **kwargs):
+    raise ImportError("clu's SummaryWriter needs TensorFlow, which is not installed")
+  placeholder = types.ModuleType(name)
+  placeholder.SummaryWriter = summary_writer
+  sys.modules[name] = placeholder
 
 
 def is_out_of_memory(error):
@@ -221,20 +236,26 @@ def largest_batch(pieces, start_batch, max_batch, repeats, deadline):
   """The largest batch of the doubling sequence start*2, start*4, ... <= max_batch that compiles
   and runs, as (batch, step seconds, compile seconds, GFLOP/step, bytes) or None.
 
-  Each try compiles a new program, so the search stops at the deadline (time.monotonic()).
+  Tried from the top down, halving after each failure, since the first fit ends the search: on a
+  large card the cap fits at once, where climbing would compile every size on the way (each try
+  compiles a new program). No try starts after the deadline (time.monotonic()). The step already
+  ran at start_batch, so a failure at a larger batch is taken for "does not fit" (out of memory,
+  or a kernel or autotuner allocation failing at that size) and printed.
   """
-  best = None
+  sizes = []
   batch = start_batch * 2
-  while batch <= max_batch and time.monotonic() < deadline:
-    try:
-      result = measure_step(pieces, batch, repeats)
-    except Exception as error:  # pylint: disable=broad-except
-      if is_out_of_memory(error):
-        break
-      raise
-    best = (batch,) + result
+  while batch <= max_batch:
+    sizes.append(batch)
     batch *= 2
-  return best
+  for batch in reversed(sizes):
+    if time.monotonic() >= deadline:
+      break
+    try:
+      return (batch,) + measure_step(pieces, batch, repeats)
+    except Exception as error:  # pylint: disable=broad-except
+      kind = "out of memory" if is_out_of_memory(error) else "failed"
+      print(f"batch {batch}: {kind}: {str(error).strip().splitlines()[0][:200]}", flush=True)
+  return None
 
 
 def input_rates(sizes, num_images, repeats):
@@ -296,14 +317,20 @@ def device_table(args):
     rows.append(text)
     print(text, flush=True)
 
-  for name in names:
+  for i, name in enumerate(names):
+    started = time.monotonic()
     pieces = Pieces(configs[name])
     for batch in args.batch:
       step_s, compile_s, gflops, _ = measure_step(pieces, batch, args.repeats)
       split = measure_split(pieces, batch, args.repeats) if args.split else None
       row(name, batch, step_s, compile_s, gflops, split)
     if args.max_batch > max(args.batch):
-      found = largest_batch(pieces, max(args.batch), args.max_batch, args.repeats, deadline)
+      # This config's search gets an equal share of the budget left once the configs still to
+      # come have had their batch rows (taken to last as long as this one's), so the first
+      # config's search cannot leave the others without a largest-batch row.
+      now, todo = time.monotonic(), len(names) - i
+      share = (deadline - now - (now - started) * (todo - 1)) / todo
+      found = largest_batch(pieces, max(args.batch), args.max_batch, args.repeats, now + share)
       if found:
         batch, step_s, compile_s, gflops, _ = found
         row(name, batch, step_s, compile_s, gflops, None,
@@ -324,6 +351,9 @@ def jax_cpu_worker(args):
   """Runs in a fresh process: our SSD300 step for one variant; prints one JSON line."""
   import jax  # pylint: disable=g-import-not-at-top
   flags, overrides, _ = CPU_VARIANTS[args.variant]
+  if overrides.get("_xla_conv_grads"):
+    from mdssd_jax.models import kernels  # pylint: disable=g-import-not-at-top
+    kernels.MATMUL_WGRAD_MIN_TAP_MACS = float("inf")   # every conv keeps XLA's gradients
   config = load_config(args.cpu_config, overrides)
   config.train.global_batch_size = args.batch[0]
   pieces = Pieces(config)
@@ -345,44 +375,16 @@ def jax_cpu_worker(args):
   print(json.dumps(dict(variant=args.variant, flags=flags, step_s=step_s, compile_s=compile_s)))
 
 
-def torch_cpu_worker(args):
-  """Runs in a fresh process: torchvision ssd300_vgg16 train step (SGD), one JSON line."""
-  import torch  # pylint: disable=g-import-not-at-top
-  import torchvision  # pylint: disable=g-import-not-at-top
-  torch.manual_seed(0)
-  threads = args.threads or os.cpu_count()
-  torch.set_num_threads(threads)
-  batch, size = args.batch[0], 300
-  model = torchvision.models.detection.ssd300_vgg16(weights=None, weights_backbone=None, num_classes=21)
-  model.train()
-  optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
-  rng = np.random.default_rng(0)
-  host = random_batch(load_config(args.cpu_config), batch, rng)
-  # torchvision's transform resizes to 300 and normalises inside the model, like our step.
-  images = [torch.from_numpy(im).permute(2, 0, 1).float() / 255.0 for im in host["image"]]
-  targets = []
-  for boxes, labels in zip(host["boxes"], host["labels"]):
-    keep = labels > 0
-    targets.append(dict(boxes=torch.from_numpy(boxes[keep] * size), labels=torch.from_numpy(
-        labels[keep]).long()))
-
-  def run():
-    optimizer.zero_grad(set_to_none=True)
-    loss = sum(model(images, targets).values())
-    loss.backward()
-    optimizer.step()
-  step_s = median_seconds(run, args.repeats)
-  print(json.dumps(dict(variant="torchvision", step_s=step_s, threads=threads,
-                        version=f"torch {torch.__version__}, torchvision {torchvision.__version__}")))
-
-
 def _run_worker(kind, variant, args, python):
   flags = CPU_VARIANTS.get(variant, ("",))[0]
   env = dict(os.environ)
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
-  cmd = [python, "-m", "benchmarks.bench_train", f"--_worker={kind}", f"--variant={variant}",
-         f"--batch={args.batch[0]}", f"--repeats={args.repeats}", f"--cpu_config={args.cpu_config}",
-         f"--threads={args.threads}"]
+  if kind == "torch":   # torch + torchvision only: nothing of this project, no JAX
+    cmd = [python, os.path.join(ROOT, "benchmarks", "torch_cpu.py"), "step", f"--batch={args.batch[0]}",
+           f"--repeats={args.repeats}", f"--threads={args.threads}"]
+  else:
+    cmd = [python, "-m", "benchmarks.bench_train", f"--_worker={kind}", f"--variant={variant}",
+           f"--batch={args.batch[0]}", f"--repeats={args.repeats}", f"--cpu_config={args.cpu_config}"]
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, cwd=ROOT)
   for line in reversed(proc.stdout.splitlines()):
     if line.startswith("{"):
@@ -395,12 +397,13 @@ def torch_cpu_table(args):
   torch_runs = [_run_worker("torch", "torchvision", args, python)]
   if "error" in torch_runs[0]:
     raise SystemExit(f"torchvision could not run with {python}: {torch_runs[0]['error']}. Install "
-                     "it (a benchmark-only dependency) with `pip install torch torchvision`, or "
-                     "name a Python that has it with --torch_python")
+                     "torch and torchvision there (benchmark-only dependencies; README, 'The CPU "
+                     "step beside torchvision'), or name a Python that has them with --torch_python")
   results = [_run_worker("jax", v, args, sys.executable) for v in args.variants.split(",")]
   torch_runs.append(_run_worker("torch", "torchvision", args, python))   # drift of a shared machine
   torch_s = float(np.mean([r["step_s"] for r in torch_runs]))
-  lines = [f"{args.cpu_config} train step, batch {args.batch[0]}, 300 px, {os.cpu_count()} CPUs "
+  lines = [f"{args.cpu_config} train step, batch {args.batch[0]}, 300 px, "
+           f"{conv_layers.cpu_description()}, {os.cpu_count()} CPUs "
            f"(load average {os.getloadavg()[0]:.1f}), median of {args.repeats} steps; "
            f"{torch_runs[0]['version']}, {torch_runs[0]['threads']} threads; torchvision "
            f"ssd300_vgg16 {1e3 * torch_runs[0]['step_s']:.0f} ms before and "
@@ -417,6 +420,10 @@ def torch_cpu_table(args):
                    f"{r['step_s'] / torch_s:.2f}x |")
   table = "\n".join(lines) + "\n"
   print(table, flush=True)
+  if args.layer_table:
+    layers = conv_layers.table(args.cpu_config, args.batch[0], args.repeats, args.threads, python)
+    print(layers, flush=True)
+    table += "\n" + layers
   return table
 
 
@@ -435,13 +442,17 @@ def main():
   parser.add_argument("--input_images", type=int, default=48)
   parser.add_argument("--peak_tflops", type=float, default=0.0, help="override the device's peak")
   parser.add_argument("--time_budget_s", type=float, default=240.0,
-                      help="no new largest-batch try starts after this many seconds")
+                      help="no new largest-batch try starts after this many seconds (each config "
+                      "gets a share)")
   parser.add_argument("--quick", action="store_true",
                       help="toy width (1/32), batch 2, 2 repeats: proves the table end to end on a CPU")
   parser.add_argument("--out", default="", help="also write the table here ($OUT/... by default)")
   parser.add_argument("--torch_cpu", action="store_true",
                       help="our CPU step per XLA:CPU variant beside torchvision's ssd300_vgg16")
-  parser.add_argument("--variants", default="default,eigen_off,fast_math,xnn_greedy,bf16,kernels_native,prenormalised")
+  parser.add_argument("--variants", default="default,conv_grads_xla",
+                      help=f"comma-separated, of {sorted(CPU_VARIANTS)}")
+  parser.add_argument("--layer_table", type=int, default=1,
+                      help="1: also the per-layer table (benchmarks/conv_layers.py)")
   parser.add_argument("--cpu_config", default="ssd300_voc")
   parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all CPUs)")
   parser.add_argument("--torch_python", default="", help="a Python with torch + torchvision")
@@ -457,8 +468,6 @@ def main():
 
   if args._worker == "jax":
     return jax_cpu_worker(args)
-  if args._worker == "torch":
-    return torch_cpu_worker(args)
   table = torch_cpu_table(args) if args.torch_cpu else device_table(args)
   out = args.out or (os.path.join(os.environ["OUT"], "bench_train.md") if os.environ.get("OUT") else "")
   if out:

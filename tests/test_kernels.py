@@ -145,8 +145,10 @@ def _run(config, variables, images):
 
 
 @pytest.mark.parametrize("setting", [dict(kernels="native"), dict(remat="blocks")])
-def test_tiny_mdssd_variants_compute_the_same_loss_and_gradients(tiny_inputs, setting):
-  """From the same parameters: kernels "native" vs "cpu", and remat "blocks" vs "none"."""
+def test_tiny_mdssd_variants_compute_the_same_loss_and_gradients(tiny_inputs, setting, monkeypatch):
+  """From the same parameters: kernels "native" vs "cpu", and remat "blocks" vs "none". The CPU
+  convs' matmul weight gradient is forced on (the tiny model is below its size threshold)."""
+  monkeypatch.setattr(kernels, "MATMUL_WGRAD_MIN_TAP_MACS", 0)
   variables, images = tiny_inputs
   ref_value, ref_grads = _run(_tiny(kernels="cpu"), variables, images)
   value, grads = _run(_tiny(kernels="cpu", **setting) if "remat" in setting else _tiny(**setting),
@@ -214,3 +216,104 @@ def test_cpu_lowering_uses_the_cpu_kernels(tiny_inputs):
   assert ops["scatter"] == 0
   assert ops["reduce_window"] == 1    # pool5 only; the 2x2 pools are argmax + one-hot
   assert re.search(r"interior = \[0, 1, 1, 0\]", text)
+
+
+# ---- the CPU convolution: every layer shape of SSD300, MDSSD300 and the demo --------------------
+
+def np_conv_and_grads(x, w, dy, strides, padding, dilation):
+  """Float64 NumPy convolution (NHWC / HWIO) by its definition, one tap at a time, with the
+  gradients of <y, dy> and, for each, the sum of |terms| that bounds its float32 rounding:
+  (y, dx, dw), (|y|, |dx|, |dw|)."""
+  x, w, dy = (np.asarray(a, np.float64) for a in (x, w, dy))
+  (plo, phi), (qlo, qhi) = padding
+  xp = np.pad(x, ((0, 0), (plo, phi), (qlo, qhi), (0, 0)))
+  batch, out_h, out_w, cout = dy.shape
+  cin = x.shape[-1]
+  dy2 = dy.reshape(-1, cout)
+  y, y_abs = np.zeros(dy2.shape), np.zeros(dy2.shape)
+  dxp, dxp_abs = np.zeros_like(xp), np.zeros_like(xp)
+  dw, dw_abs = np.zeros(w.shape), np.zeros(w.shape)
+  for i in range(w.shape[0]):
+    for j in range(w.shape[1]):
+      rows = slice(i * dilation[0], i * dilation[0] + (out_h - 1) * strides[0] + 1, strides[0])
+      cols = slice(j * dilation[1], j * dilation[1] + (out_w - 1) * strides[1] + 1, strides[1])
+      tap = xp[:, rows, cols].reshape(-1, cin)     # (B * Ho * Wo, Cin): what w[i, j] multiplies
+      y += tap @ w[i, j]
+      y_abs += np.abs(tap) @ np.abs(w[i, j])
+      dw[i, j] = tap.T @ dy2
+      dw_abs[i, j] = np.abs(tap).T @ np.abs(dy2)
+      dxp[:, rows, cols] += (dy2 @ w[i, j].T).reshape(batch, out_h, out_w, cin)
+      dxp_abs[:, rows, cols] += (np.abs(dy2) @ np.abs(w[i, j]).T).reshape(batch, out_h, out_w, cin)
+  crop = (slice(None), slice(plo, plo + x.shape[1]), slice(qlo, qlo + x.shape[2]))
+  return ((y.reshape(dy.shape), dxp[crop], dw),
+          (y_abs.reshape(dy.shape), dxp_abs[crop], dw_abs))
+
+
+def _model_conv_shapes(batch):
+  """Distinct convs (kernels.conv_layers) of the three models as the CPU form runs them."""
+  from configs import demo_synthetic, mdssd300_voc, ssd300_voc  # pylint: disable=g-import-not-at-top
+  shapes = {}
+  for module in (ssd300_voc, mdssd300_voc, demo_synthetic):
+    config = module.get_config()
+    config.model.kernels = "cpu"
+    model = models.build_model(config)
+    size = config.model.input_size_px
+    images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+    variables = jax.eval_shape(lambda x, model=model: model.init(jax.random.key(0), x, train=False),
+                               images)
+    for layer in kernels.conv_layers(
+        lambda v, x, model=model: model.apply(v, x, train=True, mutable=["batch_stats"]),
+        variables, images):
+      layer.pop("count")
+      shapes[repr(layer)] = layer
+  return list(shapes.values())
+
+
+def test_conv_layers_lists_the_paper_models_convolutions():
+  """SSD300: 13 trunk convs + fc6/fc7, 8 extra convs, 2 x 6 heads; MDSSD300 adds 3 Fusion Blocks of
+  9 convs (3 deconvs run as convs on the zero-inserted map, 3 convs after them, the shallow conv,
+  the output conv; the demo has the same architecture at 1/8 width)."""
+  from configs import mdssd300_voc, ssd300_voc  # pylint: disable=g-import-not-at-top
+  counts = {}
+  for module in (ssd300_voc, mdssd300_voc):
+    config = module.get_config()
+    config.model.kernels = "cpu"
+    model = models.build_model(config)
+    images = jax.ShapeDtypeStruct((1, 300, 300, 3), jnp.float32)
+    variables = jax.eval_shape(lambda x, model=model: model.init(jax.random.key(0), x, train=False),
+                               images)
+    layers = kernels.conv_layers(lambda v, x, model=model: model.apply(v, x, train=False),
+                                 variables, images)
+    counts[module.__name__] = sum(l["count"] for l in layers)
+    first = layers[0]
+    assert first["input_shape"] == (1, 300, 300, 3) and first["kernel_shape"] == (3, 3, 3, 64)
+    assert any(l["dilation"] == (6, 6) and l["padding"] == ((6, 6), (6, 6)) for l in layers)  # fc6
+    assert any(l["strides"] == (2, 2) for l in layers)                                        # conv8_2
+  assert counts["configs.ssd300_voc"] == 15 + 8 + 12
+  assert counts["configs.mdssd300_voc"] == 15 + 8 + 3 * 9 + 2 * 6 - 1   # conv11 is not reached
+
+
+def test_cpu_conv_matches_the_definition_on_every_model_layer_shape(monkeypatch):
+  """conv_cpu (XLA's forward and input gradient, matmul weight gradient) on each distinct conv of
+  SSD300, MDSSD300 and the demo: value and both gradients equal the float64 definition within
+  float32 rounding: |error| <= 4 eps sqrt(K) x the sum of |terms| (K terms per sum). The matmul
+  weight gradient is forced on every shape (at batch 1 most are below its size threshold)."""
+  monkeypatch.setattr(kernels, "MATMUL_WGRAD_MIN_TAP_MACS", 0)
+  eps = np.finfo(np.float32).eps
+  layers = _model_conv_shapes(batch=1)
+  assert len(layers) >= 60
+  for n, layer in enumerate(layers):
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal(layer["input_shape"]).astype(np.float32)
+    kh, kw, cin, _ = layer["kernel_shape"]
+    w = (rng.standard_normal(layer["kernel_shape"]) / np.sqrt(kh * kw * cin)).astype(np.float32)
+    args = (layer["strides"], layer["padding"], layer["dilation"])
+    out, vjp = jax.vjp(jax.jit(lambda x, w, args=args: kernels.conv_cpu(x, w, *args)), x, w)
+    dy = rng.standard_normal(out.shape).astype(np.float32)
+    got = (out,) + tuple(vjp(dy))
+    want, bounds = np_conv_and_grads(x, w, dy, *args)
+    batch, out_h, out_w, cout = out.shape
+    terms = (kh * kw * cin, kh * kw * cout, batch * out_h * out_w)   # per sum: y, dx, dw
+    for name, g, ref, bound, k in zip(("y", "dx", "dw"), got, want, bounds, terms):
+      excess = np.abs(np.asarray(g, np.float64) - ref) - 4 * eps * np.sqrt(k) * bound
+      assert excess.max() <= 1e-30, (name, layer, float(excess.max()))

@@ -96,7 +96,8 @@ class FusionBlock(nn.Module):
       statistics in the "batch_stats" collection, running averages when train=False.
     deconv_init: "xavier" (Glorot uniform, as every fresh layer) or "bilinear"
       (`bilinear_deconv_init`: the upper branch starts as an interpolating upsampler).
-    kernels: "auto" | "native" | "cpu" | "portable", the deconv implementation (mdssd_jax/models/kernels.py).
+    kernels: "auto" | "native" | "cpu" | "portable", the deconvs' and convs' implementation
+      (mdssd_jax/models/kernels.py).
     dtype: compute dtype; params float32.
   Call: shallow (B, H, W, Cs), deep (B, h, w, Cd), train -> (B, H, W, out_features), after ReLU.
     The deconv kernels are derived per axis from (h, H) and (w, W) with `deconv_kernels`.
@@ -130,7 +131,8 @@ class FusionBlock(nn.Module):
     def conv(x, features, name):
       x = nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), use_bias=not self.batch_norm,
                   dtype=self.dtype, param_dtype=jnp.float32, kernel_init=vgg.KERNEL_INIT,
-                  bias_init=vgg.BIAS_INIT, name=name)(x)
+                  bias_init=vgg.BIAS_INIT, conv_general_dilated=kernels_lib.conv_fn(self.kernels),
+                  name=name)(x)
       return bn(x, name)
 
     kernels_h = deconv_kernels(deep.shape[1], shallow.shape[1], self.num_deconvs)

@@ -1,9 +1,10 @@
-"""Backend-aware kernels of the two ops whose fastest form differs between XLA:CPU and GPU/TPU.
+"""Backend-aware kernels of the ops whose fastest form differs between XLA:CPU and GPU/TPU.
 
 One set of parameters, two implementations each, chosen by `config.model.kernels`:
 
 | op | "native" (GPU, TPU) | "cpu" (XLA:CPU) |
 |---|---|---|
+| every conv's gradients (`conv`) | XLA's transposed convolutions | input gradient: XLA's (a forward conv for stride 1); weight gradient: one chunked matmul per kernel tap (`conv_weight_grad`) |
 | stride-2 transposed conv | one conv with `lhs_dilation` (what `lax.conv_transpose` emits) | zero insertion by `lax.pad` interior padding, then a stride-1 conv |
 | 2x2 stride-2 max pool | `lax.reduce_window` (max) | argmax + one-hot product over the 4 window taps |
 
@@ -15,10 +16,12 @@ form contains a scatter: the zero insertion is `pad`, whose gradient is a stride
 The measured CPU figures behind these choices are in docs/model.md ("Kernels per platform").
 """
 
-from typing import Callable, Sequence
+import functools
+from typing import Callable, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 KERNEL_CHOICES = ("auto", "native", "cpu", "portable")
 # "portable": the zero-insertion deconv and the reduce_window pool, the only forms the TFLite
@@ -28,6 +31,17 @@ DECONV_STRIDE = 2
 # padding 0 maps n -> 2n, kernel 3 / padding 1 maps n -> 2n - 1 (docs/model.md, "Deconvolution").
 DECONV_PADDING = {2: 0, 3: 1}
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
+# Rows (batch x output rows x output columns) that one matmul of the CPU weight gradient contracts.
+# XLA:CPU's matmul splits its work over the output's tiles: a (Cin, Cout) = (64, 64) output of a
+# 360,000-row contraction is one tile, so one thread, out of cache. Cutting the rows into chunks
+# of about this many, as a batched matmul summed afterwards, gives every thread work and keeps each
+# chunk in cache (benchmarks/bench_train.py --torch_cpu, the per-layer table).
+WGRAD_CHUNK_ROWS = 2048
+# Below this many multiply-adds per kernel tap (rows x Cin x Cout, rows = batch x output pixels)
+# XLA's own weight gradient is as fast or faster: every conv of the 1/8-width demo at batch 8 and
+# SSD300's 84-class head on conv4_3 at batch 4 (2.5e8) measured so; SSD300's trunk and extras at
+# batch 4 (3.8e8 to 1.5e9) run 1.2-2.4x faster as matmuls (python -m benchmarks.conv_layers).
+MATMUL_WGRAD_MIN_TAP_MACS = 2 ** 28
 
 
 def check_choice(kernels: str) -> str:
@@ -81,8 +95,10 @@ def deconv_stride2(x, kernel, kernels: str = "auto"):
     # XLA:CPU differentiates this + a stride-1 conv faster than a conv with lhs_dilation.
     config = [(0, 0, 0)] + [(lo, hi, DECONV_STRIDE - 1) for lo, hi in pads] + [(0, 0, 0)]
     dilated = jax.lax.pad(x, jnp.zeros((), x.dtype), config)
-    return jax.lax.conv_general_dilated(dilated, kernel, (1, 1), "VALID",
-                                        dimension_numbers=_DIMENSIONS)
+    if kernels == "portable":   # an exported forward: lax's op, nothing custom to convert
+      return jax.lax.conv_general_dilated(dilated, kernel, (1, 1), "VALID",
+                                          dimension_numbers=_DIMENSIONS)
+    return conv_cpu(dilated, kernel, (1, 1), ((0, 0), (0, 0)), (1, 1))
 
   return per_platform("cpu" if kernels == "portable" else kernels, cpu, native, x, kernel)
 
@@ -119,3 +135,160 @@ def max_pool_2x2(x, ceil_mode: bool, kernels: str = "auto"):
     return jnp.sum(windows * winner, axis=-1)
 
   return per_platform("native" if kernels == "portable" else kernels, cpu, native, x)
+
+
+# ---- convolution: XLA's forward, matmul gradients on the CPU --------------------------------------
+
+def _explicit_padding(padding, in_hw, kernel_hw, strides, dilation) -> Tuple[Tuple[int, int], ...]:
+  """lax padding ("SAME" / "VALID" / pairs) -> ((lo, hi), (lo, hi)) for the two spatial axes."""
+  if isinstance(padding, str):
+    dilated = [(k - 1) * d + 1 for k, d in zip(kernel_hw, dilation)]
+    return tuple(tuple(int(v) for v in p)
+                 for p in jax.lax.padtype_to_pads(in_hw, dilated, strides, padding))
+  return tuple((int(lo), int(hi)) for lo, hi in padding)
+
+
+def _chunks(rows: int, outer: int) -> int:
+  """How many chunks to cut a contraction of `rows` rows into: a divisor of `outer` (the batch x
+  output rows, so that chunks are whole output rows) giving chunks of about WGRAD_CHUNK_ROWS."""
+  target = rows / WGRAD_CHUNK_ROWS
+  if target < 2:
+    return 1
+  divisors = [p for p in range(1, outer + 1) if outer % p == 0]
+  return min(divisors, key=lambda p: abs(np.log(p / target)))
+
+
+def conv_weight_grad(x, dy, kernel_hw, strides, padding, dilation):
+  """Gradient wrt the kernel of y = conv(x, w) (NHWC / HWIO), as matmuls.
+
+  Tap (i, j) of the kernel sees the padded input shifted by (i * dilation, j * dilation) and
+  subsampled by the stride, so dw[i, j] = x_shifted.reshape(-1, Cin).T @ dy.reshape(-1, Cout):
+  one matmul per tap, each cut into chunks of rows (`_chunks`) and summed, accumulated in float32.
+
+  Args:
+    x: (B, H, W, Cin), the conv's input. dy: (B, Ho, Wo, Cout), the gradient of its output.
+    kernel_hw: (kh, kw); strides, dilation: (sh, sw); padding: ((lo, hi), (lo, hi)).
+  Returns:
+    (kh, kw, Cin, Cout) float32.
+  """
+  batch, out_h, out_w, cout = dy.shape
+  cin = x.shape[-1]
+  padded = jnp.pad(x, ((0, 0),) + tuple(padding) + ((0, 0),))
+  num_chunks = _chunks(batch * out_h * out_w, batch * out_h)
+  dy_chunks = dy.reshape(num_chunks, -1, cout)
+  taps = []
+  for i in range(kernel_hw[0]):
+    for j in range(kernel_hw[1]):
+      r0, c0 = i * dilation[0], j * dilation[1]
+      shifted = jax.lax.slice(padded, (0, r0, c0, 0),
+                              (batch, r0 + (out_h - 1) * strides[0] + 1,
+                               c0 + (out_w - 1) * strides[1] + 1, cin),
+                              (1, strides[0], strides[1], 1))
+      tap = jax.lax.dot_general(shifted.reshape(num_chunks, -1, cin), dy_chunks,
+                                (((1,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
+      taps.append(jnp.sum(tap, axis=0))
+  return jnp.stack(taps).reshape(tuple(kernel_hw) + (cin, cout))
+
+
+def _xla_conv(x, kernel, strides, padding, dilation):
+  return jax.lax.conv_general_dilated(x, kernel, strides, padding, rhs_dilation=dilation,
+                                      dimension_numbers=_DIMENSIONS)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv_cpu(x, kernel, strides, padding, dilation):
+  """XLA's convolution (NHWC / HWIO, explicit padding) whose weight gradient is `conv_weight_grad`.
+
+  The forward and the input gradient stay XLA's: both are forward convolutions for stride 1, which
+  XLA:CPU runs as fast as oneDNN. Its weight gradient, a convolution whose "kernel" is the whole
+  output gradient, runs 2-4x slower than the same arithmetic as matmuls, except for small layers
+  (fewer than MATMUL_WGRAD_MIN_TAP_MACS multiply-adds per tap), which keep XLA's.
+  """
+  return _xla_conv(x, kernel, strides, padding, dilation)
+
+
+def _conv_cpu_fwd(x, kernel, strides, padding, dilation):
+  return _xla_conv(x, kernel, strides, padding, dilation), (x, kernel)
+
+
+def _conv_cpu_bwd(strides, padding, dilation, residuals, dy):
+  x, kernel = residuals
+  if dy.size * x.shape[-1] < MATMUL_WGRAD_MIN_TAP_MACS:   # small layers: XLA's gradients as they are
+    _, vjp = jax.vjp(lambda x, k: _xla_conv(x, k, strides, padding, dilation), x, kernel)
+    return vjp(dy)
+  _, input_vjp = jax.vjp(lambda x: _xla_conv(x, kernel, strides, padding, dilation), x)
+  dx, = input_vjp(dy)
+  dw = conv_weight_grad(x, dy, kernel.shape[:2], strides, padding, dilation)
+  return dx, dw.astype(kernel.dtype)
+
+
+conv_cpu.defvjp(_conv_cpu_fwd, _conv_cpu_bwd)
+
+
+def conv_general_dilated(x, kernel, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, precision=None,
+                         *, kernels: str = "auto"):
+  """`lax.conv_general_dilated` with the per-platform gradient (`conv_cpu` on XLA:CPU).
+
+  Takes lax's arguments so that `nn.Conv(conv_general_dilated=conv_fn(kernels))` uses it. The CPU
+  form covers what the models use (2-D, NHWC / HWIO, no input dilation, one feature group); any
+  other call is lax's own on every platform.
+  """
+  check_choice(kernels)
+  strides = tuple(int(s) for s in window_strides)
+  dilation = tuple(int(d) for d in (rhs_dilation or (1,) * len(strides)))
+  native_args = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+                     dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+                     precision=precision)
+  dims = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, dimension_numbers or _DIMENSIONS)
+  supported = (x.ndim == 4 and feature_group_count == 1 and all(d == 1 for d in lhs_dilation or (1,))
+               and dims == jax.lax.conv_dimension_numbers(x.shape, kernel.shape, _DIMENSIONS))
+  if not supported or kernels == "portable":
+    return jax.lax.conv_general_dilated(x, kernel, window_strides, padding, **native_args)
+  pads = _explicit_padding(padding, x.shape[1:3], kernel.shape[:2], strides, dilation)
+
+  def cpu(x, kernel):
+    return conv_cpu(x, kernel, strides, pads, dilation)
+
+  def native(x, kernel):
+    return jax.lax.conv_general_dilated(x, kernel, strides, pads, **native_args)
+
+  return per_platform(kernels, cpu, native, x, kernel)
+
+
+def conv_fn(kernels: str) -> Callable:
+  """`conv_general_dilated` bound to a `config.model.kernels` choice, for `nn.Conv`."""
+  check_choice(kernels)
+  return functools.partial(conv_general_dilated, kernels=kernels)
+
+
+def conv_layers(fn, *args):
+  """The distinct convolutions `fn(*args)` computes: a list of dicts, in first-use order, with
+  `input_shape` (B, H, W, Cin), `kernel_shape` (kh, kw, Cin, Cout), `strides`, `padding`
+  ((lo, hi), (lo, hi)), `dilation` and `count` (how many convs share the shape). Traced, not run,
+  through every nested jaxpr (jit, remat, custom_vjp, platform_dependent), so `fn` may be a whole
+  model's forward at full size. Only the NHWC / HWIO convs without input dilation are listed: the
+  ones `conv_general_dilated` runs in its CPU form."""
+  found = {}
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "conv_general_dilated":
+        p = eqn.params
+        lhs, rhs = (v.aval for v in eqn.invars[:2])
+        if any(d != 1 for d in p["lhs_dilation"]) or p["feature_group_count"] != 1 or lhs.ndim != 4:
+          continue
+        key = (tuple(lhs.shape), tuple(rhs.shape), tuple(p["window_strides"]),
+               tuple(tuple(q) for q in p["padding"]), tuple(p["rhs_dilation"]))
+        entry = found.setdefault(key, dict(zip(("input_shape", "kernel_shape", "strides",
+                                                "padding", "dilation"), key), count=0))
+        entry["count"] += 1
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, (tuple, list)) else (value,):
+          if isinstance(sub, jax.extend.core.ClosedJaxpr):
+            walk(sub.jaxpr)
+          elif isinstance(sub, jax.extend.core.Jaxpr):
+            walk(sub)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return list(found.values())

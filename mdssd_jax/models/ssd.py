@@ -17,6 +17,7 @@ import numpy as np
 
 from mdssd_jax import anchors as anchors_lib
 from mdssd_jax.models import fusion as fusion_lib
+from mdssd_jax.models import kernels as kernels_lib
 from mdssd_jax.models import vgg
 
 # The trunk map an SSD head L2-normalises before predicting (conv4_3's activations are much larger
@@ -78,9 +79,10 @@ class SSD(nn.Module):
     x = maps[EXTRAS_INPUT]
     for name, mid, out, kernel, stride, padding in self.extras[:_num_extras_needed(self)]:
       x = vgg.ConvReLU(width(mid), kernel_size=1, padding=0, batch_norm=self.batch_norm,
-                       dtype=self.dtype, name=f"{name}_1")(x, train)
+                       dtype=self.dtype, kernels=self.kernels, name=f"{name}_1")(x, train)
       x = vgg.ConvReLU(width(out), kernel_size=kernel, stride=stride, padding=padding,
-                       batch_norm=self.batch_norm, dtype=self.dtype, name=f"{name}_2")(x, train)
+                       batch_norm=self.batch_norm, dtype=self.dtype, kernels=self.kernels,
+                       name=f"{name}_2")(x, train)
       maps[f"{name}_2"] = x
 
     block = vgg.maybe_remat(fusion_lib.FusionBlock, self.remat, self.remat_policy,
@@ -103,7 +105,8 @@ class SSD(nn.Module):
       self.sow("intermediates", HEAD_MAPS, x)
       head = lambda features, suffix: nn.Conv(
           features, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, param_dtype=jnp.float32,
-          kernel_init=vgg.KERNEL_INIT, bias_init=vgg.BIAS_INIT, name=f"{source}_{suffix}")(x)
+          kernel_init=vgg.KERNEL_INIT, bias_init=vgg.BIAS_INIT,
+          conv_general_dilated=kernels_lib.conv_fn(self.kernels), name=f"{source}_{suffix}")(x)
       batch = x.shape[0]
       # (B, h, w, k * 4) -> (B, h * w * k, 4): channel index = box_in_cell * 4 + coordinate, so a
       # row-major reshape gives the (row, column, box in cell) order of the default boxes.

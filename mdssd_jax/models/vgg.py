@@ -87,7 +87,8 @@ class ConvReLU(nn.Module):
   """Conv (+ BatchNorm when batch_norm) + ReLU, the unit of the trunk and the extra layers.
 
   With batch norm the conv has no bias (BN's shift replaces it); BN statistics live in the
-  "batch_stats" collection and the running averages are used when train=False.
+  "batch_stats" collection and the running averages are used when train=False. `kernels` chooses
+  the conv's gradient form per platform (models/kernels.py, `conv_general_dilated`).
   """
   features: int
   kernel_size: int = 3
@@ -96,6 +97,7 @@ class ConvReLU(nn.Module):
   dilation: int = 1
   batch_norm: bool = False
   dtype: Any = jnp.float32
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -104,7 +106,8 @@ class ConvReLU(nn.Module):
                 padding=[(self.padding, self.padding)] * 2,
                 kernel_dilation=(self.dilation, self.dilation), use_bias=not self.batch_norm,
                 dtype=self.dtype, param_dtype=jnp.float32, kernel_init=KERNEL_INIT,
-                bias_init=BIAS_INIT, name="conv")(x)
+                bias_init=BIAS_INIT, conv_general_dilated=kernels_lib.conv_fn(self.kernels),
+                name="conv")(x)
     if self.batch_norm:
       x = nn.BatchNorm(use_running_average=not train, dtype=self.dtype, param_dtype=jnp.float32,
                        name="bn")(x)
@@ -118,7 +121,8 @@ class VGG16Trunk(nn.Module):
     width_multiplier: scales every conv width (1.0 = VGG16; ImageNet weights need 1.0).
     batch_norm: BatchNorm after every conv (for training from scratch).
     dtype: compute dtype; params stay float32.
-    kernels: "auto" | "native" | "cpu" | "portable", the 2x2 max pool's implementation (models/kernels.py).
+    kernels: "auto" | "native" | "cpu" | "portable", the 2x2 max pool's and the convs' gradients'
+      implementation (models/kernels.py).
     remat: "none" | "blocks": with "blocks" each stage (pool + convs, and pool5 + conv6 + conv7)
       is rematerialised in the backward pass with the jax.checkpoint policy `remat_policy`.
   Call: images (B, S, S, 3) float, train -> dict of maps (B, h, w, c) in `dtype`:
@@ -138,7 +142,7 @@ class VGG16Trunk(nn.Module):
   def __call__(self, images, train: bool) -> Dict[str, jax.Array]:
     def unit(name, features, **kw):
       return ConvReLU(scaled_width(features, self.width_multiplier), batch_norm=self.batch_norm,
-                      dtype=self.dtype, name=name, **kw)
+                      dtype=self.dtype, kernels=self.kernels, name=name, **kw)
 
     def stage_fn(stage, widths):
       def run(module, x, train):
