@@ -158,9 +158,13 @@ def measure_step(pieces, batch, repeats, donate=True):
   state = jax.tree_util.tree_map(lambda x: x.copy(), pieces.state)
   jitted = jax.jit(pieces.train_step(), donate_argnums=0 if donate else ())
   start = time.perf_counter()
-  compiled = jitted.lower(state, dev).compile()
+  lowered = jitted.lower(state, dev)
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - start
-  cost = compiled.cost_analysis()
+  # XLA's count of the step BEFORE compilation: on a GPU the compiled program hands its
+  # convolutions to cuDNN as custom calls, which the compiled cost analysis leaves out (it counted
+  # 0.4-1.4 GFLOP of SSD300's 180 per image on an H200, benchmarks/results/device_check_h200.md).
+  cost = lowered.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
   memory = None
