@@ -6,6 +6,7 @@
     python main.py --config=configs/mdssd300_voc.py --workdir=/ckpt --mode=export   # SavedModel, TFLite, jax
     python main.py --config=configs/mdssd300_voc.py --mode=prepare             # build the data set
     python main.py --config=configs/mdssd300_voc.py --mode=coverage            # default-box coverage
+    python main.py --config=configs/mdssd300_voc.py --mode=coverage --suggest  # default boxes from the data
 
 Kept short so that the library can be imported and tested (in a notebook too).
 """
@@ -43,6 +44,12 @@ _FORMATS = flags.DEFINE_list("formats", None, "export: any of saved_model,tflite
 _TFLITE_QUANTIZATION = flags.DEFINE_enum("tflite_quantization", None, ["none", "float16", "dynamic_range"],
                                          "export: TFLite weights (default: config.export.tflite_quantization).")
 _PLOT = flags.DEFINE_string("plot", None, "coverage: also plot the report to this PNG file.")
+_SUGGEST = flags.DEFINE_bool("suggest", False, "coverage: also search default boxes (sizes and aspect "
+                             "ratios per head) for the training split's boxes and print the flags.")
+_SUGGEST_RATIOS = flags.DEFINE_list("suggest_ratios", None, "coverage --suggest: aspect ratios per head "
+                                    "(one count, or one per head; default: the config's, so the heads "
+                                    "keep their shapes).")
+_SUGGEST_SEED = flags.DEFINE_integer("suggest_seed", 0, "coverage --suggest: the search's seed.")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (TPU pods, "
                                "SLURM, or the --coordinator_* flags).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "multihost: host:port of process 0.")
@@ -70,6 +77,13 @@ def main(argv):
     prepare.prepare(config)
     return
   if mode == "coverage":
+    if _SUGGEST.value:
+      from mdssd_jax import anchor_design  # pylint: disable=g-import-not-at-top
+      ratios = _SUGGEST_RATIOS.value
+      print(anchor_design.suggest_for_config(
+          config, ratios_per_head=[int(r) for r in ratios] if ratios else None,
+          seed=_SUGGEST_SEED.value, plot_path=_PLOT.value))
+      return
     from mdssd_jax import anchor_coverage  # pylint: disable=g-import-not-at-top
     print(anchor_coverage.coverage_for_config(config, plot_path=_PLOT.value))
     return

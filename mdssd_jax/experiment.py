@@ -27,6 +27,15 @@ WEIGHT_SOURCES = (
 )
 
 
+# The mesh axis the batch is split over (data parallelism; the state is replicated along it).
+DATA_AXIS = "data"
+
+
+def data_mesh(devices=None):
+  """The 1-D device mesh of training: `devices` (default: all of them) along DATA_AXIS."""
+  return jax.sharding.Mesh(np.asarray(jax.devices() if devices is None else devices), (DATA_AXIS,))
+
+
 def init_variables(model, config, rng):
   """Flax variables {"params", maybe "batch_stats"} for one (1, S, S, 3) input."""
   size = config.model.input_size_px
@@ -81,11 +90,15 @@ def check_trunk_init(config):
 class Setup:
   """The mesh, data set info, model, default boxes, optimiser and initial state of a config."""
 
-  def __init__(self, config):
+  def __init__(self, config, devices=None):
+    """`devices`: the mesh's devices, all of them by default (a subset, or a TPU topology's devices
+    for ahead-of-time compilation without a TPU: benchmarks/aot_compile.py)."""
     self.config = config
-    # A plain Mesh (Auto axes): XLA propagates the "data" sharding through matching and the loss.
-    self.mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
-    self.batch_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
+    # A plain Mesh (Auto axes): XLA propagates the "data" sharding through the model; matching and
+    # the loss run per device under shard_map (train.make_train_step).
+    self.mesh = data_mesh(devices)
+    self.batch_sharding = jax.sharding.NamedSharding(self.mesh,
+                                                     jax.sharding.PartitionSpec(DATA_AXIS))
     self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     if config.eval.batch_size <= 0 or config.eval.batch_size % jax.local_device_count():
       raise ValueError(f"config.eval.batch_size={config.eval.batch_size} must be a positive multiple "

@@ -74,8 +74,14 @@ def _kth_largest_nonneg(keys, k):
 
 
 def multibox_loss(loc_preds, cls_logits, loc_targets, cls_targets, neg_pos_ratio=3.0,
-                  num_pos_total=None, loc_weight=1.0):
+                  num_pos_total=None, loc_weight=1.0, axis_name=None):
   """SSD's MultiBox loss, normalised by the number of positives.
+
+  Inside `shard_map`, where each device holds part of the batch, pass the mesh axis of the batch as
+  `axis_name`: matching and hard-negative mining stay per device (they are per image), and the
+  Smooth-L1 and cross-entropy sums and the positive count are summed over the devices (`psum`)
+  before the division, so the loss is the global batch's, normalised by the global positives: the
+  same number as this function on the whole batch at once, up to the order of the float sums.
 
   Args:
     loc_preds: (B, A, 4) predicted offsets (any float dtype; computed in float32).
@@ -87,10 +93,13 @@ def multibox_loss(loc_preds, cls_logits, loc_targets, cls_targets, neg_pos_ratio
       positives of this batch. Either way it is guarded with max(1, N), so an empty batch gives 0,
       not NaN.
     loc_weight: weight of the localisation term.
+    axis_name: None, or the mesh axis over which the batch is split (inside `shard_map`): the sums
+      and counts are then over all devices along it, and every device returns the same values.
   Returns:
     loss: scalar float32, loc_weight * loc_loss + cls_loss.
     aux: dict of float32 scalars: loc_loss and cls_loss (each already divided by max(1, N)),
-      num_pos (positives in this batch), num_neg (hard negatives chosen), normalizer (max(1, N)).
+      num_pos (positives in this batch; over all devices with axis_name), num_neg (hard negatives
+      chosen, likewise), normalizer (max(1, N)).
   """
   loc_preds = jnp.asarray(loc_preds, jnp.float32)
   cls_logits = jnp.asarray(cls_logits, jnp.float32)
@@ -116,6 +125,12 @@ def multibox_loss(loc_preds, cls_logits, loc_targets, cls_targets, neg_pos_ratio
   cross_entropy = log_norm - target_logit                                     # (B, A)
   negatives = hard_negative_mask(log_norm - cls_logits[..., 0], positive, neg_pos_ratio)
   cls_sum = jnp.sum(jnp.where(positive | negatives, cross_entropy, 0.0))
+  num_neg = jnp.sum(negatives, dtype=jnp.float32)
+  if axis_name is not None:
+    # This device's images only: add up the other devices' sums and counts (one all-reduce of four
+    # scalars), so that the normaliser is the global number of positives, as on one device.
+    num_pos, loc_sum, cls_sum, num_neg = jax.lax.psum((num_pos, loc_sum, cls_sum, num_neg),
+                                                      axis_name)
 
   total = num_pos if num_pos_total is None else jnp.asarray(num_pos_total, jnp.float32)
   normalizer = jnp.maximum(total, 1.0)
@@ -123,5 +138,5 @@ def multibox_loss(loc_preds, cls_logits, loc_targets, cls_targets, neg_pos_ratio
   cls_loss = cls_sum / normalizer
   loss = loc_weight * loc_loss + cls_loss
   aux = dict(loc_loss=loc_loss, cls_loss=cls_loss, num_pos=num_pos,
-             num_neg=jnp.sum(negatives, dtype=jnp.float32), normalizer=normalizer)
+             num_neg=num_neg, normalizer=normalizer)
   return loss, aux

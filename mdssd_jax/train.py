@@ -1,10 +1,11 @@
 """Training, top to bottom: `train_and_evaluate(config, workdir)`.
 
 One `jax.jit` train step over a device `Mesh` with the batch sharded on "data" (1 CPU, 8 GPUs or a TPU
-pod alike); matching and the MultiBox loss run inside the step on padded ground truth. Orbax saves
-everything a resume needs; clu writes TensorBoard summaries; the evaluators of `config.evals` run
-every so many steps. What a config builds (model, default boxes, optimiser, state) is in
-experiment.py, prediction in predict.py, evaluation in evaluation/.
+pod alike); matching and the MultiBox loss run inside the step on padded ground truth, each device on
+its own images (`shard_map`). Orbax saves everything a resume needs; clu writes TensorBoard
+summaries; the evaluators of `config.evals` run every so many steps. What a config builds (model,
+default boxes, optimiser, state) is in experiment.py, prediction in predict.py, evaluation in
+evaluation/.
 """
 
 import contextlib
@@ -51,30 +52,76 @@ def _finite_norm(tree):
   return jnp.isfinite(optax.global_norm(leaves)) if leaves else jnp.bool_(True)
 
 
-def make_train_step(model, tx, schedule, anchors_cxcywh, config, convention):
+def _shard_map(f, mesh, in_specs, out_specs):
+  """`jax.shard_map` (jax >= 0.6.1) or, on the older jax that requirements.txt allows (>= 0.5),
+  `jax.experimental.shard_map.shard_map`; without the replication check in either.
+
+  Unchecked because matching's and mining's loops start their carries from constants (replicated)
+  and update them with this device's images (varying), which the check refuses without
+  version-specific casts inside matching.py and losses.py. What the check would guarantee holds by
+  construction: every output is a psum, equal on all devices. Autodiff stays exact: for an output
+  not split over the mesh, shard_map's transpose divides its cotangent by the number of devices and
+  psum's transpose (a psum) adds the shares back; on one device nothing is divided.
+  """
+  if hasattr(jax, "shard_map"):
+    return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+  from jax.experimental.shard_map import shard_map  # pylint: disable=g-import-not-at-top
+  return shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+
+
+def make_matching_and_loss(anchors_cxcywh, config, mesh):
+  """(loc_preds, cls_logits, gt_boxes, gt_labels) -> (loss, aux) of the global batch, per device.
+
+  Matching and hard-negative mining are per image, so each device matches and mines its own images
+  (`shard_map` over the mesh's data axis). Left to the partitioner, the loops of both (the bipartite
+  `fori_loop`, the bisection of `losses.hard_negative_mask`) made it all-gather the whole global
+  batch onto every device, so that every chip matched every image of the pod. The only traffic
+  left is one all-reduce of four scalars: the Smooth-L1 and cross-entropy sums, the positive count
+  that normalises them and the hard-negative count (`losses.multibox_loss(axis_name=...)`), so the
+  loss is the same number as on one device. The arguments are split along the batch over the data
+  axis, the results are replicated; the gradient flows back through `shard_map` to the model's
+  outputs (the model's forward and backward stay under the plain jit around it, whose partitioner
+  handles them: batch-norm statistics and the gradient all-reduce).
+  """
+  anchors = jnp.asarray(anchors_cxcywh, jnp.float32)
+  variances = tuple(config.anchors.variances)
+
+  def per_device(loc_preds, cls_logits, gt_boxes, gt_labels):   # this device's images only
+    loc_targets, cls_targets = matching.match(gt_boxes, gt_labels, anchors,
+                                              iou_threshold=config.loss.iou_threshold,
+                                              variances=variances, rule=config.loss.matching)
+    return losses.multibox_loss(loc_preds, cls_logits, loc_targets, cls_targets,
+                                neg_pos_ratio=config.loss.neg_pos_ratio,
+                                loc_weight=config.loss.loc_weight, axis_name=experiment.DATA_AXIS)
+
+  batch_split = jax.sharding.PartitionSpec(experiment.DATA_AXIS)
+  # Out: the loss and the aux scalars, equal on every device after the psums.
+  return _shard_map(per_device, mesh=mesh, in_specs=(batch_split,) * 4,
+                    out_specs=jax.sharding.PartitionSpec())
+
+
+def make_train_step(model, tx, schedule, anchors_cxcywh, config, convention, mesh=None):
   """(state, batch) -> (new state, metrics); batch as the input pipeline gives it (uint8 images).
+
+  `mesh`: the training mesh (experiment.Setup's; by default all devices along "data"), over whose
+  data axis matching and the loss run per device (`make_matching_and_loss`).
 
   A step whose loss, gradient, or updated parameters / optimiser state is not finite leaves the
   state as it was (and records the step), so that whatever is checkpointed is finite: an lr of 1e38
   overflows the parameters while the loss and gradient of that step are still finite.
   """
-  anchors = jnp.asarray(anchors_cxcywh, jnp.float32)
   compute_dtype = jnp.dtype(config.model.dtype)
-  variances = tuple(config.anchors.variances)
+  matching_and_loss = make_matching_and_loss(
+      anchors_cxcywh, config, experiment.data_mesh() if mesh is None else mesh)
 
   def train_step(state, batch):
     images = pixels.normalize(batch["image"], convention, compute_dtype)
-    loc_targets, cls_targets = matching.match(batch["boxes"], batch["labels"], anchors,
-                                              iou_threshold=config.loss.iou_threshold,
-                                              variances=variances, rule=config.loss.matching)
 
     def loss_fn(params):
       variables = dict(experiment.model_variables(state), params=params)
       mutable = ["batch_stats"] if state["batch_stats"] else []
       (loc_preds, cls_logits), new_vars = model.apply(variables, images, train=True, mutable=mutable)
-      loss, aux = losses.multibox_loss(loc_preds, cls_logits, loc_targets, cls_targets,
-                                       neg_pos_ratio=config.loss.neg_pos_ratio,
-                                       loc_weight=config.loss.loc_weight)
+      loss, aux = matching_and_loss(loc_preds, cls_logits, batch["boxes"], batch["labels"])
       return loss, (aux, new_vars)
 
     (loss, (aux, new_vars)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -102,6 +149,19 @@ def make_train_step(model, tx, schedule, anchors_cxcywh, config, convention):
     return new_state, metrics
 
   return train_step
+
+
+def jit_train_step(setup, state_sharding):
+  """The train step exactly as `train_and_evaluate` compiles it, for `setup`'s mesh.
+
+  The state (donated) keeps `state_sharding` (replicated), the batch is split over the mesh's data
+  axis. Also what the compile-only tests and benchmarks/aot_compile.py compile, for simulated CPU
+  devices or a TPU topology's devices.
+  """
+  step = make_train_step(setup.model, setup.tx, setup.schedule, setup.anchors, setup.config,
+                         setup.convention, mesh=setup.mesh)
+  return jax.jit(step, in_shardings=(state_sharding, setup.batch_sharding),
+                 out_shardings=(state_sharding, None), donate_argnums=0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -210,11 +270,7 @@ def _train(config, workdir):
   step = int(jax.device_get(state["step"]))
 
   # ---- The jitted update step. --------------------------------------------------------------------
-  state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
-  train_step = jax.jit(
-      make_train_step(setup.model, setup.tx, setup.schedule, setup.anchors, config, setup.convention),
-      in_shardings=(state_sharding, setup.batch_sharding), out_shardings=(state_sharding, None),
-      donate_argnums=0)
+  train_step = jit_train_step(setup, jax.tree_util.tree_map(lambda x: x.sharding, state))
 
   # ---- Evaluators, writers and periodic actions. --------------------------------------------------
   evaluators = evaluation.make_evaluators(setup)
