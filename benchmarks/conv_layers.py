@@ -161,15 +161,17 @@ def table(config_name, batch, repeats, threads, torch_python, all_layers=False):
     sums["xla"] += n * row["xla_fwd_bwd_s"]
     sums["cpu"] += n * row["cpu_fwd_bwd_s"]
     sums["torch"] += n * t.get("fwd_bwd_s", float("nan"))
+    vs_torch = f"{row['cpu_fwd_bwd_s'] / t['fwd_bwd_s']:.2f}x" if t else "-"
     lines.append(
         f"| {h}, {cin} -> {cout}, {k}/{stride}/{dil} | {n} | {forward_gflops(layer, batch):.1f} | "
         f"{ms(row['xla_fwd_s'])} | {ms(row['xla_fwd_bwd_s'])} | {ms(row['cpu_fwd_bwd_s'])} | "
         f"{ms(t['fwd_s']) if t else '-'} | {ms(t['fwd_bwd_s']) if t else '-'} | "
-        f"{row['cpu_fwd_bwd_s'] / row['xla_fwd_bwd_s']:.2f}x | "
-        f"{(row['cpu_fwd_bwd_s'] / t['fwd_bwd_s']) if t else float('nan'):.2f}x |")
+        f"{row['cpu_fwd_bwd_s'] / row['xla_fwd_bwd_s']:.2f}x | {vs_torch} |")
+  has_torch = bool(theirs) and "error" not in theirs
+  vs_torch = f"{sums['cpu'] / sums['torch']:.2f}x" if has_torch else "-"
   lines.append(f"| all shown, x convs | | | | {ms(sums['xla'])} | {ms(sums['cpu'])} | | "
-               f"{ms(sums['torch']) if theirs and 'error' not in theirs else '-'} | "
-               f"{sums['cpu'] / sums['xla']:.2f}x | {sums['cpu'] / sums['torch']:.2f}x |")
+               f"{ms(sums['torch']) if has_torch else '-'} | {sums['cpu'] / sums['xla']:.2f}x | "
+               f"{vs_torch} |")
   return "\n".join(lines) + "\n"
 
 
