@@ -22,7 +22,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from mdssd_jax import console
+from mdssd_jax.cli import console
 
 # Before JAX (and TensorFlow, which clu and TFDS load) read their logging environment.
 console.set_library_environment(sys.argv)
@@ -78,32 +78,32 @@ def main(argv):
     return
   if mode == "coverage":
     if _SUGGEST.value:
-      from mdssd_jax import anchor_design  # pylint: disable=g-import-not-at-top
+      from mdssd_jax.run import anchor_design  # pylint: disable=g-import-not-at-top
       ratios = _SUGGEST_RATIOS.value
       print(anchor_design.suggest_for_config(
           config, ratios_per_head=[int(r) for r in ratios] if ratios else None,
           seed=_SUGGEST_SEED.value, plot_path=_PLOT.value))
       return
-    from mdssd_jax import anchor_coverage  # pylint: disable=g-import-not-at-top
+    from mdssd_jax.run import anchor_coverage  # pylint: disable=g-import-not-at-top
     print(anchor_coverage.coverage_for_config(config, plot_path=_PLOT.value))
     return
   if not _WORKDIR.value:
     raise app.UsageError(f"--workdir is required for --mode={mode}")
   # The library is imported here, after the flags and the console are set up.
   if mode == "train":
-    from mdssd_jax import train  # pylint: disable=g-import-not-at-top
+    from mdssd_jax.run import train  # pylint: disable=g-import-not-at-top
     train.train_and_evaluate(config, _WORKDIR.value)
   elif mode == "eval":
-    from mdssd_jax import evaluation  # pylint: disable=g-import-not-at-top
-    evaluation.evaluate_checkpoint(config, _WORKDIR.value, step=_STEP.value)
+    from mdssd_jax.run import evaluate  # pylint: disable=g-import-not-at-top
+    evaluate.evaluate_checkpoint(config, _WORKDIR.value, step=_STEP.value)
   elif mode == "predict":
     if not _IMAGES.value:
       raise app.UsageError("--mode=predict needs --images=FILE_OR_GLOB[,...]")
-    from mdssd_jax import predict  # pylint: disable=g-import-not-at-top
+    from mdssd_jax.run import predict  # pylint: disable=g-import-not-at-top
     predict.predict_from_checkpoint(config, _WORKDIR.value, _IMAGES.value,
                                     output_dir=_OUTPUT_DIR.value, step=_STEP.value)
   elif mode == "export":
-    from mdssd_jax import export  # pylint: disable=g-import-not-at-top
+    from mdssd_jax.run import export  # pylint: disable=g-import-not-at-top
     export.export_checkpoint(config, _WORKDIR.value, step=_STEP.value, formats=_FORMATS.value,
                              tflite_quantization=_TFLITE_QUANTIZATION.value)
 
@@ -150,8 +150,9 @@ def describe_failure(err, workdir=None, data_dir=None):
               "(older checkpoints go with a lower config.train.keep_checkpoints) or choose a "
               "folder on a larger disk; a training run then resumes from its last complete "
               "checkpoint with the same command."), False
-  if isinstance(err, _EXPLAINED_ERRORS) or type(err).__name__ in ("WorkdirBusyError",
-                                                                    "NonFiniteLossError"):
+  from mdssd_jax.state import workdir_lock  # pylint: disable=g-import-not-at-top  (stdlib only)
+  # NonFiniteLossError (run/train.py) is a FloatingPointError, so _EXPLAINED_ERRORS covers it.
+  if isinstance(err, _EXPLAINED_ERRORS + (workdir_lock.WorkdirBusyError,)):
     return f"{type(err).__name__}: {err}", False
   return f"{type(err).__name__}: {err}", True
 

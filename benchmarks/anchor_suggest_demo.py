@@ -1,7 +1,7 @@
 """Does `--mode=coverage --suggest` help the detector, not just the coverage? The CPU demo, seed for seed.
 
     nice -n 19 python -m benchmarks.anchor_suggest_demo             # 2 variants x 3 seeds (resumable)
-    python -m benchmarks.anchor_suggest_demo --table                 # the README table from the JSON
+    python -m benchmarks.anchor_suggest_demo --table                 # the docs/coverage.md table from the JSON
     python -m benchmarks.anchor_suggest_demo --quick --out=/tmp/q.json --workdir=/tmp/q   # toy size
 
 (from the repository root). Two variants of configs/demo_synthetic.py, everything else the same:
@@ -73,8 +73,8 @@ def _cpu():
 def compute_suggestion(quick):
   """{"flags": [...], "min_sizes", "max_sizes", "aspect_ratios", "coverage": {...}, "search_s"}."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from mdssd_jax import anchor_coverage  # pylint: disable=g-import-not-at-top
-  from mdssd_jax import anchor_design  # pylint: disable=g-import-not-at-top
+  from mdssd_jax.run import anchor_coverage  # pylint: disable=g-import-not-at-top
+  from mdssd_jax.run import anchor_design  # pylint: disable=g-import-not-at-top
   from mdssd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   config = _config(quick)
   spec = anchor_design.AnchorSpec.from_config(config.anchors, config.model.input_size_px)

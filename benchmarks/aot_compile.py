@@ -3,7 +3,7 @@
     pip install -r requirements-tpu-aot.txt          # libtpu: the TPU compiler (benchmark-only)
     python -m benchmarks.aot_compile --config=configs/mdssd300_voc.py --topology=v5e:2x2 \
         --per_chip_batch=32 --dtype=bfloat16
-    python -m benchmarks.aot_compile --table         # the README table from the results file
+    python -m benchmarks.aot_compile --table         # the docs/accelerators.md table from the results file
 
 `jax.experimental.topologies.get_topology_desc` describes the chips of a slice (`v5e:2x2`, the
 256-chip `v5e:16x16`, `v5p:2x2x1`, `v4:2x2x1`, ...); `train.jit_train_step` -- the same jit, shardings
@@ -47,8 +47,8 @@ os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from mdssd_jax import experiment  # pylint: disable=g-import-not-at-top,wrong-import-position
-from mdssd_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mdssd_jax.state import experiment  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mdssd_jax.run import train  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "aot_compile.json")
@@ -293,7 +293,7 @@ def report(r):
 
 
 def table(results):
-  """The README table: one row per result."""
+  """The docs/accelerators.md table: one row per result."""
   rows = ["| config | topology | per-chip batch | dtype | remat | HBM args / temps / total GiB "
           "(of chip) | TFLOP / step | GB accessed / step | roofline ms / step | bound | images/s "
           "per chip (roofline) | collectives (count, MB) | compile s |",
@@ -323,7 +323,7 @@ def main(argv=None):
                       help="the card whose figures rate a --topology=cpu:N compile")
   parser.add_argument("--results", default=RESULTS)
   parser.add_argument("--no_save", action="store_true", help="print only")
-  parser.add_argument("--table", action="store_true", help="print the README table of --results")
+  parser.add_argument("--table", action="store_true", help="print the docs/accelerators.md table of --results")
   args = parser.parse_args(argv)
   if args.table:
     print(table(json.load(open(args.results))))

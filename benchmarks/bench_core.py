@@ -25,8 +25,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from configs import common  # noqa: E402
-from mdssd_jax import anchors as anchor_lib  # noqa: E402
-from mdssd_jax import losses, matching, postprocess  # noqa: E402
+from mdssd_jax.core import anchors as anchor_lib  # noqa: E402
+from mdssd_jax.core import losses, matching, postprocess  # noqa: E402
 
 VARIANCES = (0.1, 0.2)
 

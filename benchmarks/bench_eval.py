@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from mdssd_jax.evaluation import coco, tt100k, voc
+from mdssd_jax.metrics import coco, tt100k, voc
 
 
 def make_case(num_images, num_detections, num_classes=20, mean_gt=3.0, seed=0):

@@ -5,11 +5,11 @@
 
 For each config, a randomly initialised model (weights do not change the time of the dense network;
 NMS runs on the candidates above config.eval.score_threshold, which an untrained model may have more
-or fewer of) is exported with mdssd_jax/export.py into a temporary folder, then timed on this machine:
+or fewer of) is exported with mdssd_jax/run/export.py into a temporary folder, then timed on this machine:
 
 - JAX: the jitted `predict.make_predict_fn` (forward + decode + NMS) on uint8 (B, S, S, 3);
 - SavedModel: `serving_default` on uint8 (B, S, S, 3) (its resize is then an identity warp), run by
-  TF's XLA (lowered for CPU only here; top-k as a sort, see mdssd_jax/export.py);
+  TF's XLA (lowered for CPU only here; top-k as a sort, see mdssd_jax/run/export.py);
 - TFLite: the interpreter (XNNPACK, the default delegate) on the network + decoding, one image per
   invoke (the graph has batch 1); batch 8 is 8 invokes. Its time does NOT include NMS, which the
   caller runs.
@@ -31,7 +31,11 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from benchmarks.bench_train import median_seconds  # pylint: disable=wrong-import-position
-from mdssd_jax import experiment, export, models, pixels, predict  # pylint: disable=wrong-import-position
+from mdssd_jax.state import experiment  # pylint: disable=wrong-import-position
+from mdssd_jax.run import export
+from mdssd_jax import models
+from mdssd_jax.core import pixels
+from mdssd_jax.inference import predictor as predict
 
 BATCHES = (1, 8)
 

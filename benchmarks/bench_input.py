@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 
 from configs.common import base_config  # noqa: E402
+from mdssd_jax.core import images
 from mdssd_jax.data import augment  # noqa: E402
 from mdssd_jax.data import pipeline  # noqa: E402
 from mdssd_jax.data import tt100k  # noqa: E402
@@ -107,7 +108,7 @@ def stage_costs(jpegs, boxes, labels, cfg, size_px, max_boxes, seed, always):
     if always or rng.random() < cfg["flip_prob"]:
       image, image_boxes = augment.horizontal_flip(image, image_boxes)
     t5 = clock()
-    image = augment.resize(image, size_px, interpolations[int(rng.integers(len(interpolations)))])
+    image = images.resize(image, size_px, interpolations[int(rng.integers(len(interpolations)))])
     t6 = clock()
     image_boxes, image_labels = augment.drop_small_boxes(image_boxes, image_labels, size_px)
     pad_boxes(image_boxes, image_labels, max_boxes)
@@ -175,7 +176,7 @@ def tt100k_worker(jpegs, boxes, labels, repeats, seed=0):
     for index, (jpeg, image_boxes, image_labels) in enumerate(zip(jpegs, boxes, labels)):
       rng = np.random.default_rng([seed, repeat, index])
       t0 = time.process_time()
-      image = pipeline.decode_image(jpeg)
+      image = images.decode_image(jpeg)
       t1 = time.process_time()
       image, out_boxes, out_labels = crop(image, image_boxes, image_labels, rng)
       t2 = time.process_time()

@@ -106,7 +106,9 @@ class Pieces:
 
   def __init__(self, config):
     import jax  # pylint: disable=g-import-not-at-top
-    from mdssd_jax import experiment, models, optim, pixels  # pylint: disable=g-import-not-at-top
+    from mdssd_jax.state import experiment, optim  # pylint: disable=g-import-not-at-top
+    from mdssd_jax import models
+    from mdssd_jax.core import pixels
     self.config = config
     self.model, self.anchors = models.build_detector(config)
     self.tx, self.schedule = optim.make_optimizer(config.train)
@@ -118,7 +120,7 @@ class Pieces:
   def train_step(self, prenormalised=False):
     """The library's train step; prenormalised: it takes float images already normalised."""
     _clu_without_tensorflow()
-    from mdssd_jax import train  # pylint: disable=g-import-not-at-top
+    from mdssd_jax.run import train  # pylint: disable=g-import-not-at-top
     # Prenormalised: the step's normalisation becomes the identity (range 255, mean 0, std 1), so
     # it passes the floats it is given; XLA folds the multiply by 1.
     identity = dict(channel_order="RGB", input_range=255.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
@@ -127,7 +129,7 @@ class Pieces:
 
 
 def _clu_without_tensorflow():
-  """Lets mdssd_jax.train import where TensorFlow is absent, as on a lent GPU machine with no network
+  """Lets mdssd_jax.run.train import where TensorFlow is absent, as on a lent GPU machine with no network
   (benchmarks/device_check.sh; TF is too big to carry there): clu.metric_writers imports its TF
   summary writer when it is imported, and a bench step never writes summaries, so a placeholder
   module stands in for that one module. Does nothing where TensorFlow is installed."""
@@ -189,7 +191,8 @@ def measure_split(pieces, batch, repeats):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
-  from mdssd_jax import experiment, losses, matching, pixels  # pylint: disable=g-import-not-at-top
+  from mdssd_jax.state import experiment  # pylint: disable=g-import-not-at-top
+  from mdssd_jax.core import losses, matching, pixels
   config, state = pieces.config, pieces.state
   host = random_batch(config, batch, np.random.default_rng(1))
   images = jax.device_put(pixels.normalize(host["image"], pieces.convention, np.float32).astype(
@@ -230,7 +233,7 @@ def measure_split(pieces, batch, repeats):
 def _matching_rule(config):
   """The matching rule keyword of matching.match, when this version of the library has one."""
   import inspect  # pylint: disable=g-import-not-at-top
-  from mdssd_jax import matching  # pylint: disable=g-import-not-at-top
+  from mdssd_jax.core import matching  # pylint: disable=g-import-not-at-top
   if "rule" in inspect.signature(matching.match).parameters and "matching" in config.loss:
     return dict(rule=config.loss.matching)
   return {}
@@ -364,7 +367,7 @@ def jax_cpu_worker(args):
   host = random_batch(config, args.batch[0], np.random.default_rng(0))
   prenormalised = bool(overrides.get("_prenormalised"))
   if prenormalised:
-    from mdssd_jax import pixels  # pylint: disable=g-import-not-at-top
+    from mdssd_jax.core import pixels  # pylint: disable=g-import-not-at-top
     host["image"] = pixels.normalize(host["image"], pieces.convention, np.float32)
   dev = {k: jax.device_put(v) for k, v in host.items()}
   start = time.perf_counter()
@@ -401,7 +404,7 @@ def torch_cpu_table(args):
   torch_runs = [_run_worker("torch", "torchvision", args, python)]
   if "error" in torch_runs[0]:
     raise SystemExit(f"torchvision could not run with {python}: {torch_runs[0]['error']}. Install "
-                     "torch and torchvision there (benchmark-only dependencies; README, 'The CPU "
+                     "torch and torchvision there (benchmark-only dependencies; docs/benchmarks.md, 'The CPU "
                      "step beside torchvision'), or name a Python that has them with --torch_python")
   results = [_run_worker("jax", v, args, sys.executable) for v in args.variants.split(",")]
   torch_runs.append(_run_worker("torch", "torchvision", args, python))   # drift of a shared machine

@@ -95,7 +95,7 @@ def final_leaves(workdir, data_dir, steps):
   """{path: numpy array} of params and opt_state in the latest checkpoint of workdir."""
   import jax  # pylint: disable=g-import-not-at-top
   from configs import tiny_mdssd  # pylint: disable=g-import-not-at-top
-  from mdssd_jax import checkpointing, experiment  # pylint: disable=g-import-not-at-top
+  from mdssd_jax.state import checkpointing, experiment  # pylint: disable=g-import-not-at-top
   config = tiny_mdssd.get_config()
   config.data.data_dir = data_dir
   config.train.num_steps = steps

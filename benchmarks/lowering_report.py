@@ -23,12 +23,12 @@ import jax  # pylint: disable=g-import-not-at-top
 from jax import export as jax_export
 import jax.numpy as jnp
 
-from mdssd_jax import experiment
+from mdssd_jax.state import experiment
 from mdssd_jax import models
-from mdssd_jax import optim
-from mdssd_jax import pixels
-from mdssd_jax import predict as predict_lib
-from mdssd_jax import train
+from mdssd_jax.state import optim
+from mdssd_jax.core import pixels
+from mdssd_jax.inference import predictor as predict_lib
+from mdssd_jax.run import train
 
 # The name stack of an op inside the detector: the top Flax module is the class `SSD`, which JAX
 # shows as `SSD/...` in the forward pass and inside `jvp(SSD)` / `transpose(jvp(SSD))` in training.

@@ -1,7 +1,7 @@
 """The small-object study: does MDSSD's Fusion Block help small objects, seed for seed?
 
     python -m benchmarks.study_small_objects                  # the full study (resumable)
-    python -m benchmarks.study_small_objects --table          # README tables + plot from the JSON
+    python -m benchmarks.study_small_objects --table          # docs/study.md tables + plot from the JSON
     python -m benchmarks.study_small_objects --ablation       # the branch ablation alone
     python -m benchmarks.study_small_objects --quick --out=/tmp/q/study.json --workdir=/tmp/q
 
@@ -91,7 +91,7 @@ class Budget:
 
 SIZE_KEYS = ("steps", "trained_trunk_steps", "eval_every_steps", "width_multiplier", "num_train", "num_test", "batch_size")
 
-# 12 scratch runs of 600 steps and 9 trained-trunk runs of 300 (README, "The small-object study").
+# 12 scratch runs of 600 steps and 9 trained-trunk runs of 300 (docs/study.md, "The small-object study").
 FULL = Budget(steps=600, trained_trunk_steps=300, eval_every_steps=100, seeds=(0, 1, 2),
               width_multiplier=1 / 8, num_train=4000, num_test=200, batch_size=8,
               variants=("ssd", "ssd_fine", "mdssd", "mdssd_bn"),
@@ -191,7 +191,7 @@ def run_name(variant, data, init, seed):
 
 
 def latest_step(workdir):
-  from mdssd_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from mdssd_jax.state import checkpointing  # pylint: disable=g-import-not-at-top
   steps = checkpointing.available_steps(os.path.join(workdir, "checkpoints"))
   return steps[-1] if steps else None
 
@@ -200,8 +200,8 @@ def seed_trained_trunk(config, workdir, source_config, source_workdir):
   """Writes a step-0 checkpoint in `workdir`: a fresh state of `config` whose VGG16 trunk (params
   and batch-norm statistics) is the latest checkpoint of the `source_workdir` run."""
   import jax  # pylint: disable=g-import-not-at-top
-  from mdssd_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  from mdssd_jax import experiment  # pylint: disable=g-import-not-at-top
+  from mdssd_jax.state import checkpointing  # pylint: disable=g-import-not-at-top
+  from mdssd_jax.state import experiment  # pylint: disable=g-import-not-at-top
   from mdssd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   _, source, _ = experiment.load_checkpoint(source_config, source_workdir)
   setup = experiment.Setup(config)
@@ -225,9 +225,9 @@ def seed_trained_trunk(config, workdir, source_config, source_workdir):
 
 def read_curve(workdir):
   """[{"step", "all", "tiny", "small", "medium"}] of the run's evaluations during training."""
-  from mdssd_jax import evaluation  # pylint: disable=g-import-not-at-top
+  from mdssd_jax.report import history  # pylint: disable=g-import-not-at-top
   by_step = {}
-  path = os.path.join(workdir, evaluation.EVAL_RESULTS_FILE)
+  path = os.path.join(workdir, history.EVAL_RESULTS_FILE)
   if os.path.exists(path):
     with open(path) as f:
       for line in f:
@@ -282,17 +282,22 @@ def branch_ablation(config, run_dir):
     with open(cache) as f:
       return json.load(f)
   from mdssd_jax import evaluation  # pylint: disable=g-import-not-at-top
-  from mdssd_jax import experiment  # pylint: disable=g-import-not-at-top
-  setup, state, step = experiment.load_checkpoint(config, run_dir)
-  evaluator = evaluation.make_evaluators(setup)[EVALUATOR]
-  blocks = fusion_blocks(state["params"])
+  from mdssd_jax.core import multihost  # pylint: disable=g-import-not-at-top
+  from mdssd_jax.run import evaluate  # pylint: disable=g-import-not-at-top
+  from mdssd_jax.state import weights  # pylint: disable=g-import-not-at-top
+  detector = weights.load_detector(config, run_dir)
+  evaluator = evaluation.make_evaluators(config, detector.class_names)[EVALUATOR]
+  predictor = evaluate.make_batch_predictor(config, detector.model, detector.anchors_cxcywh,
+                                            detector.convention, multihost.data_mesh())
+  params = detector.variables["params"]
+  blocks = fusion_blocks(params)
   if len(blocks) != len(config.model.fusions):
     raise ValueError(f"{run_dir}: expected {len(config.model.fusions)} Fusion Blocks in the "
                      f"checkpoint, found {blocks}")
   out = {}
   for branch in (None,) + BRANCHES:
-    params = branch_off(state["params"], branch) if branch else state["params"]
-    metrics = evaluator.run(dict(state, params=params), step)
+    variables = dict(detector.variables, params=branch_off(params, branch) if branch else params)
+    metrics = evaluator.run(predictor(variables), detector.step).metrics
     out[f"{branch}_off" if branch else "intact"] = dict(
         all=_ap(metrics["mAP"]), **{b: _ap(metrics.get(f"AP_size/{b}", float("nan"))) for b in BUCKETS})
   with open(cache + ".tmp", "w") as f:
@@ -344,7 +349,7 @@ class _Stop:
 
 def train_run(config, workdir):
   """Trains (or resumes) one run; returns the wall seconds of all its sittings, or None if stopped."""
-  from mdssd_jax import train  # pylint: disable=g-import-not-at-top
+  from mdssd_jax.run import train  # pylint: disable=g-import-not-at-top
   wall_path = os.path.join(workdir, "study_wall_s.json")
   os.makedirs(workdir, exist_ok=True)
   previous = json.load(open(wall_path))["wall_s"] if os.path.exists(wall_path) else 0.0
@@ -563,7 +568,7 @@ def groups(results):
 
 
 def tables(results):
-  """The README's markdown: recipe, one table per (data, regime), and the fusion's measured gain."""
+  """The markdown of docs/study.md: recipe, one table per (data, regime), and the fusion's measured gain."""
   lines = []
   rec = results.get("recipe") or {}
   lines.append("Recipe: " + ", ".join(f"`{k}={v}`" for k, v in rec.items()) + ".")

@@ -204,7 +204,7 @@ def base_config():
   c.eval.top_k = 200                    # per image, after NMS
   c.eval.best_metric = "voc/mAP"        # "<evaluator>/<metric>" that picks the best checkpoint
   c.eval.picture_score_threshold = 0.3  # boxes drawn on pictures (evaluation uses score_threshold)
-  # Pictures, contact sheet and plots of each evaluation (mdssd_jax/visualize.py, plots.py).
+  # Pictures, contact sheet and plots of each evaluation (mdssd_jax/report/visualize.py, plots.py).
   c.eval.picture_min_side_px = 512      # small inputs are enlarged to this so labels stay readable
   c.eval.small_object_px = 32           # sheet.jpg shows images with most missed objects under this first
   c.eval.sheet_columns = 2              # panels (prediction | ground truth) per row of sheet.jpg
@@ -216,7 +216,7 @@ def base_config():
   c.eval.tiled.enabled = False          # tiles of the input size over large images (TT100K)
   c.eval.tiled.overlap_px = 64
 
-  # ---- export for deployment: --mode=export (mdssd_jax/export.py) --------------------------------
+  # ---- export for deployment: --mode=export (mdssd_jax/run/export.py) --------------------------------
   c.export = ml_collections.ConfigDict()
   c.export.formats = ("saved_model", "tflite", "jax")   # what --mode=export writes (--formats)
   # Platforms the SavedModel's and the jax.export artifact's XLA programs are lowered for (any

@@ -7,7 +7,7 @@ three Fusion Blocks upsampling 8x, seven heads) at 1/8 width on 192 px images, s
 two CPU cores; objects are 8-40 px, as small relative to the image as VOC's small objects at 300 px,
 and a class is its shape alone (the data set's default), so the detector must see outlines.
 
-What makes 600 steps enough (README, "The CPU demo", measured on shape-only data): AdamW at a high
+What makes 600 steps enough (docs/results.md, "The CPU demo", measured on shape-only data): AdamW at a high
 learning rate for a batch-norm net (6e-3, warm-up 50 steps) and up to 24 objects per image (more
 positive default boxes per step at the same compute). The learning rate, schedule and object count
 are the demo's; the paper configs keep Caffe's SGD recipe.
@@ -56,7 +56,7 @@ def get_config():
   c.augment.expand_prob = 0.0      # zooming out would shrink 8 px objects to a few pixels
 
   c.train.optimizer = "adamw"       # converges in minutes from scratch; SGD is the paper's choice
-  # Measured on shape-only data with 24 objects, seed 0, step 600 (README): 2e-3 with warm-up 100
+  # Measured on shape-only data with 24 objects, seed 0, step 600 (docs/results.md): 2e-3 with warm-up 100
   # gives 0.70 mAP, 4e-3 with warm-up 50 gives 0.93, 6e-3 gives 0.94 (ahead at every evaluation).
   c.train.base_lr = 6e-3
   c.train.weight_decay = 1e-4

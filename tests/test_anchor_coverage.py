@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mdssd_jax import anchor_coverage
+from mdssd_jax.run import anchor_coverage
 
 
 def _brute_force(anchors_cxcywh, boxes_per_image, sizes, input_size, buckets, thr):

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from mdssd_jax import anchor_design
-from mdssd_jax import anchors as anchor_lib
+from mdssd_jax.run import anchor_design
+from mdssd_jax.core import anchors as anchor_lib
 
 SIZE = 96.0
 BUCKETS = (("tiny", 0.0, 16.0), ("small", 16.0, 32.0), ("medium", 32.0, 96.0))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import common
-from mdssd_jax import anchors
+from mdssd_jax.core import anchors
 
 SSD300 = dict(image_size=300, feature_sizes=(38, 19, 10, 5, 3, 1), steps=(8, 16, 32, 64, 100, 300),
               min_sizes=(30, 60, 111, 162, 213, 264), max_sizes=(60, 111, 162, 213, 264, 315),

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from configs.common import base_config
+from mdssd_jax.core import images
 from mdssd_jax.data import augment
 
 SIZE = 96  # output side of the tests: small, so the content checks stay fast
@@ -453,7 +454,7 @@ def test_random_interpolation_draws_each_listed_mode():
 def test_eval_transform_warps_to_the_input_size():
   image = np.zeros((40, 80, 3), np.uint8)
   image[:, 40:] = 200  # right half bright: it must stay the right half after the warp
-  out = augment.eval_transform(image, SIZE)
+  out = images.eval_transform(image, SIZE)
   assert out.shape == (SIZE, SIZE, 3) and out.dtype == np.uint8
   assert np.all(out[:, : SIZE // 2 - 1] == 0) and np.all(out[:, SIZE // 2 + 1:] == 200)
 
@@ -479,7 +480,7 @@ def test_bad_inputs_raise_clear_errors():
   with pytest.raises(ValueError, match="crop_min_ious"):
     augment.train_transform(image, np.zeros((0, 4)), [], rng, aug_cfg(crop_min_ious=(1.5,)), SIZE)
   with pytest.raises(ValueError, match="interpolation"):
-    augment.eval_transform(image, SIZE, interpolation="bilinear")
+    images.eval_transform(image, SIZE, interpolation="bilinear")
 
 
 # ---- Caffe's batch_sampler ----------------------------------------------------------------------

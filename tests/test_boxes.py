@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mdssd_jax import boxes
+from mdssd_jax.core import boxes
 
 
 def _ref_iou(a, b):

@@ -11,7 +11,8 @@ import textwrap
 
 import pytest
 
-from mdssd_jax import console
+from mdssd_jax.cli import console
+from mdssd_jax.report import progress
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,7 +53,7 @@ def test_filter_keeps_project_lines_and_warnings_only():
 def test_progress_plain_lines_off_a_terminal():
   now = [100.0]
   out = io.StringIO()
-  bar = console.Progress(5, start_step=0, log_every_steps=2, stream=out, clock=lambda: now[0], tty=False)
+  bar = progress.Progress(5, start_step=0, log_every_steps=2, stream=out, clock=lambda: now[0], tty=False)
   # Step 1 at t=100 (compilation before it is not counted), then one step every 0.5 s.
   for step, t, loss in [(1, 100.0, 9.0), (2, 100.5, None), (3, 101.0, 7.25), (4, 101.5, None), (5, 102.0, 6.5)]:
     now[0] = t
@@ -68,14 +69,14 @@ def test_progress_plain_lines_off_a_terminal():
 def test_progress_bar_redraws_in_place_on_a_terminal():
   now = [0.0]
   out = io.StringIO()
-  bar = console.Progress(4, log_every_steps=100, stream=out, clock=lambda: now[0], tty=True, width=80,
+  bar = progress.Progress(4, log_every_steps=100, stream=out, clock=lambda: now[0], tty=True, width=80,
                          min_redraw_interval_s=1.0)
   bar.update(1, loss=2.0)
   now[0] = 0.5
   bar.update(2)              # within the redraw interval: not drawn
   now[0] = 2.0
   bar.update(3)
-  console.say("a table", stream=out)   # clears the bar line first
+  progress.say("a table", stream=out)   # clears the bar line first
   now[0] = 2.1
   bar.update(4)              # the last step is always drawn
   bar.close()
@@ -92,18 +93,18 @@ def test_progress_bar_redraws_in_place_on_a_terminal():
 
 def test_progress_rejects_bad_config():
   with pytest.raises(ValueError, match="config.train.log_every_steps"):
-    console.Progress(10, log_every_steps=0)
+    progress.Progress(10, log_every_steps=0)
   with pytest.raises(ValueError, match="config.train.num_steps"):
-    console.Progress(0)
+    progress.Progress(0)
 
 
 def test_format_duration():
-  assert [console.format_duration(s) for s in (None, 4.4, 59.6, 754, 45296)] == \
+  assert [progress.format_duration(s) for s in (None, 4.4, 59.6, 754, 45296)] == \
       ["--", "4s", "1m00s", "12m34s", "12h34m"]
 
 
 def test_run_summary_table():
-  text = console.run_summary(
+  text = progress.run_summary(
       steps=600, wall_s=490, images_per_s=9.84, last_map=(600, 0.7671), best_map=(400, 0.78),
       ap_by_size={"tiny": 0.6123, "small": 0.8, "medium": float("nan")},
       paths={"checkpoints": "/w/checkpoints", "pictures": "/w/pictures/step_00000600/sheet.jpg"})
@@ -114,16 +115,16 @@ def test_run_summary_table():
       "  checkpoints  /w/checkpoints",
       "  pictures     /w/pictures/step_00000600/sheet.jpg",
   ]
-  none = console.run_summary(steps=4, wall_s=3, images_per_s=None, last_map=None, best_map=None,
+  none = progress.run_summary(steps=4, wall_s=3, images_per_s=None, last_map=None, best_map=None,
                              ap_by_size=None, paths={})
   assert none.splitlines() == ["Done: 4 steps in 3s", "  mAP@0.5     no evaluation ran"]
 
 
 def test_tfds_bar_stand_in_counts_into_one_line():
   out = io.StringIO()
-  prep = console._Preparation(stream=out, tty=False, clock=lambda: 0.0)
-  old = console._preparation
-  console._preparation = prep
+  prep = progress._Preparation(stream=out, tty=False, clock=lambda: 0.0)
+  old = progress._preparation
+  progress._preparation = prep
   try:
     for _ in console._TfdsBar(range(7), desc="Generating train examples...", unit=" examples"):
       pass
@@ -133,7 +134,7 @@ def test_tfds_bar_stand_in_counts_into_one_line():
     with console._TfdsBar(desc="Generating splits...", unit=" splits") as splits:
       splits.update(1)
   finally:
-    console._preparation = old
+    progress._preparation = old
   assert out.getvalue() == "preparing data: generating train: 7 examples in 0s\n"
 
 
@@ -148,7 +149,7 @@ def test_native_info_lines_dropped_from_a_quiet_import(tmp_path):
   """))
   code = textwrap.dedent(f"""
       import sys
-      from mdssd_jax import console
+      from mdssd_jax.cli import console
       hook = console._ImportHook("noisy_native", console._native_stderr_without_info, None)
       sys.meta_path.insert(0, hook)
       import noisy_native

@@ -23,7 +23,9 @@ def test_one_device_loss_and_gradients_equal_the_whole_batch_formula():
   differentiated under plain jit."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from mdssd_jax import experiment, losses, matching, pixels, train  # pylint: disable=g-import-not-at-top
+  from mdssd_jax.state import experiment  # pylint: disable=g-import-not-at-top
+  from mdssd_jax.core import losses, matching, pixels
+  from mdssd_jax.run import train
   config = tiny_mdssd.get_config()
   setup = experiment.Setup(config, devices=jax.devices()[:1])
   state = setup.initial_state()

@@ -8,7 +8,7 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from mdssd_jax.evaluation import coco
+from mdssd_jax.metrics import coco
 
 
 def _random_case(rng, num_images=30, num_labels=4):
@@ -104,7 +104,7 @@ def test_ground_truth_as_detections_gives_ap_one():
 
 
 def test_evaluator_interface_and_no_detections():
-  from mdssd_jax.evaluation import make_metric
+  from mdssd_jax.metrics import make_metric
   import ml_collections
   rng = np.random.default_rng(9)
   predictions, ground_truths = _random_case(rng, num_images=12)
@@ -169,6 +169,6 @@ def test_annotation_area_decides_small_medium_large():
   by_box = direct(with_area=False)
   assert abs(by_box[3] - got[3]) > 1e-3   # AP_small differs from the box-area buckets
 
-  evaluator = coco.CocoEvaluator(["a", "b", "c", "d"])
+  evaluator = coco.CocoMetric(["a", "b", "c", "d"])
   evaluator.add(predictions, ground_truths)
   assert evaluator.compute()["AP_small"] == pytest.approx(got[3], abs=1e-12)

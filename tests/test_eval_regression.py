@@ -61,7 +61,7 @@ def _unflatten(flat, prefix):
 
 def test_mode_eval_reproduces_the_metrics_of_the_previous_code(tmp_path):
   import jax  # pylint: disable=g-import-not-at-top
-  from mdssd_jax import checkpointing, experiment  # pylint: disable=g-import-not-at-top
+  from mdssd_jax.state import checkpointing, experiment  # pylint: disable=g-import-not-at-top
   config_path = tmp_path / "tiny_ssd_regression.py"
   config_path.write_text(CONFIG_SOURCE)
   data_dir = str(tmp_path / "tfds")

@@ -4,7 +4,7 @@ per-image loop that follows the official anno_func.eval_annos rules."""
 import numpy as np
 import pytest
 
-from mdssd_jax.evaluation import tt100k
+from mdssd_jax.metrics import tt100k
 
 
 def _hand_case():
@@ -122,7 +122,7 @@ def test_precision_recall_match_official_loop(seed):
 
 
 def test_evaluator_flat_metrics():
-  from mdssd_jax.evaluation import make_metric
+  from mdssd_jax.metrics import make_metric
   import ml_collections
   preds, gts = _hand_case()
   cfg = ml_collections.ConfigDict(dict(type="tt100k", iou_threshold=0.5, use_07_metric=False,

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mdssd_jax.evaluation import voc
+from mdssd_jax.metrics import voc
 
 
 # ---- independent reference: voc_eval.py's logic, one detection at a time ---------------------------
@@ -207,7 +207,7 @@ def test_no_detections_and_no_ground_truth():
 
 
 def test_evaluator_accumulates_and_names_classes():
-  from mdssd_jax.evaluation import make_metric
+  from mdssd_jax.metrics import make_metric
   import ml_collections
   cfg = ml_collections.ConfigDict(dict(type="voc", iou_threshold=0.5, use_07_metric=True))
   rng = np.random.default_rng(7)
@@ -290,7 +290,7 @@ def test_evaluate_batches_drops_padding_and_matches_direct():
   from mdssd_jax.evaluation import loop
   predictions, ground_truths, sizes = _case_for_loop(11)
   batches, predict_fn = _to_batches(predictions, ground_truths, sizes, batch_size=4)
-  ev = voc.VocEvaluator([f"c{i}" for i in range(1, 6)], 0.5, use_07_metric=False)
+  ev = voc.VocMetric([f"c{i}" for i in range(1, 6)], 0.5, use_07_metric=False)
   seen = []
   metrics = loop.evaluate_batches(predict_fn, batches, ev,
                                   on_batch=lambda batch, arrays: seen.append(arrays["boxes_px"].shape))
@@ -323,7 +323,7 @@ def test_evaluate_batches_gathers_across_processes():
   def fake_allgather(mine):   # process 1's view: stack [process 0, process 1] on a new axis
     return {k: np.stack([other[k], v]) for k, v in mine.items()}
 
-  ev = voc.VocEvaluator([f"c{i}" for i in range(1, 6)], 0.5, use_07_metric=True)
+  ev = voc.VocMetric([f"c{i}" for i in range(1, 6)], 0.5, use_07_metric=True)
   metrics = loop.evaluate_batches(predict_fn, halves[1], ev, process_allgather=fake_allgather)
   assert ev.num_images == 20
   assert metrics["mAP"] == pytest.approx(direct["mAP"], abs=1e-12)

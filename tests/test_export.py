@@ -1,7 +1,7 @@
 """--mode=export: SavedModel = --mode=predict, TFLite raw outputs = the network, jax.export = live.
 
 One tiny model is trained for 2 steps once per module and exported once; each test reads that
-export. References are independent of mdssd_jax/export.py: OpenCV itself for the resize, the JSON
+export. References are independent of mdssd_jax/run/export.py: OpenCV itself for the resize, the JSON
 that --mode=predict writes for the detections, and a NumPy decoding of SSD boxes for TFLite.
 """
 
@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from configs import tiny_mdssd
+from mdssd_jax.run import predict as run_predict
 from tests.conftest import ROOT
 
 # Images of several sizes and aspect ratios, smaller and larger than the 96 px input, and 96 itself.
@@ -62,7 +63,7 @@ def _export_in_a_fresh_process(config, workdir):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   """(config, workdir) of a tiny model trained 2 steps, and its exported folder."""
-  from mdssd_jax import train  # pylint: disable=g-import-not-at-top
+  from mdssd_jax.run import train  # pylint: disable=g-import-not-at-top
   from mdssd_jax.data import prepare  # pylint: disable=g-import-not-at-top
   config = _tiny_config(str(tmp_path_factory.mktemp("tfds")))
   prepare.prepare(config)
@@ -71,8 +72,10 @@ def trained(tmp_path_factory):
   before = _tree_hashes(os.path.join(workdir, "checkpoints"))
   export_dir = _export_in_a_fresh_process(config, workdir)
   first = _tree_hashes(export_dir)
+  from mdssd_jax.data import registry  # pylint: disable=g-import-not-at-top
+  class_names = registry.get_dataset(config.data).class_names
   return dict(config=config, workdir=workdir, export_dir=export_dir, checkpoint_hashes=before,
-              first_export_hashes=first)
+              first_export_hashes=first, class_names=list(class_names))
 
 
 def _images(tmp_path):
@@ -93,7 +96,7 @@ def _images(tmp_path):
 
 def test_resize_equals_opencv_linear():
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from mdssd_jax import export  # pylint: disable=g-import-not-at-top
+  from mdssd_jax.run import export  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   for h, w in ((96, 96), (50, 70), (333, 517), (97, 95), (7, 300), (1, 5), (1024, 768)):
     image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
@@ -105,10 +108,9 @@ def test_resize_equals_opencv_linear():
 
 def test_saved_model_equals_mode_predict(trained, tmp_path):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from mdssd_jax import predict  # pylint: disable=g-import-not-at-top
   paths, images = _images(tmp_path)
   out_dir = str(tmp_path / "predictions")
-  predict.predict_from_checkpoint(trained["config"], trained["workdir"], paths, output_dir=out_dir)
+  run_predict.predict_from_checkpoint(trained["config"], trained["workdir"], paths, output_dir=out_dir)
   with open(os.path.join(out_dir, "detections.json")) as f:
     expected = json.load(f)
   serve = tf.saved_model.load(os.path.join(trained["export_dir"], "saved_model")).signatures[
@@ -146,12 +148,52 @@ def _np_decode_yxyx(loc, anchors_cxcywh, variances, max_log_scale):
   return np.stack([cy - h / 2, cx - w / 2, cy + h / 2, cx + w / 2], axis=-1)
 
 
+def test_predict_restores_weights_only(trained, tmp_path, monkeypatch):
+  """Predict with another optimiser, learning rate, retention and data set name in config.train /
+  config.data: the same detections as with the training config (only weights, batch statistics and
+  metadata are read; the optimiser state's structure depends on config.train), no optimiser is
+  built, and the restored variables are exactly the training state's params and batch statistics."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from mdssd_jax.state import experiment, optim, weights  # pylint: disable=g-import-not-at-top
+  config = trained["config"]
+  paths, _ = _images(tmp_path)
+  want_dir = str(tmp_path / "want")
+  run_predict.predict_from_checkpoint(config, trained["workdir"], paths, output_dir=want_dir)
+  changed = _tiny_config(config.data.data_dir, **{
+      "train.optimizer": "sgd", "train.base_lr": 0.5, "train.momentum": 0.5,
+      "train.keep_checkpoints": 1})
+  changed.data.name = "no_such_data_set"   # the class names come from the checkpoint
+  assert changed.train.optimizer != config.train.optimizer
+  def no_optimizer(*args, **kwargs):
+    raise AssertionError("prediction built an optimiser")
+  monkeypatch.setattr(optim, "make_optimizer", no_optimizer)
+  got_dir = str(tmp_path / "got")
+  run_predict.predict_from_checkpoint(changed, trained["workdir"], paths, output_dir=got_dir)
+  with open(os.path.join(want_dir, "detections.json")) as f, \
+       open(os.path.join(got_dir, "detections.json")) as g:
+    assert json.load(f) == json.load(g)
+  detector = weights.load_detector(changed, trained["workdir"])
+  monkeypatch.undo()
+  _, state, step = experiment.load_checkpoint(config, trained["workdir"])
+  assert detector.step == step and set(detector.variables) == {"params", "batch_stats"}
+  for name in ("params", "batch_stats"):
+    same = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(a, b)), detector.variables[name],
+                                  jax.device_get(state[name]))
+    assert all(jax.tree_util.tree_leaves(same))
+  assert detector.class_names == tuple(trained["class_names"])
+  # A checkpoint of another model is still refused, naming the field.
+  other = _tiny_config(config.data.data_dir, **{"anchors.min_sizes": (7, 12, 24, 40, 56, 72)})
+  with pytest.raises(ValueError, match="anchors.min_sizes"):
+    weights.load_detector(other, trained["workdir"])
+
+
 # TF 2.21 warns that tf.lite.Interpreter moves to the ai_edge_litert package; it still works.
 @pytest.mark.filterwarnings("ignore:.*tf.lite.Interpreter is deprecated")
 def test_tflite_raw_outputs_equal_the_network(trained):
   import jax  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from mdssd_jax import experiment, pixels, postprocess  # pylint: disable=g-import-not-at-top
+  from mdssd_jax.state import experiment  # pylint: disable=g-import-not-at-top
+  from mdssd_jax.core import pixels, postprocess
   config = trained["config"]
   setup, state, _ = experiment.load_checkpoint(config, trained["workdir"])
   size = config.model.input_size_px
@@ -176,7 +218,8 @@ def test_tflite_raw_outputs_equal_the_network(trained):
 
 def test_jax_artifact_equals_live_model(trained):
   import jax  # pylint: disable=g-import-not-at-top
-  from mdssd_jax import experiment, predict  # pylint: disable=g-import-not-at-top
+  from mdssd_jax.state import experiment  # pylint: disable=g-import-not-at-top
+  from mdssd_jax.inference import predictor as predict
   config = trained["config"]
   setup, state, _ = experiment.load_checkpoint(config, trained["workdir"])
   live = predict.LocalPredictor(setup.model, setup.anchors, config, setup.convention)
@@ -216,7 +259,7 @@ def test_exporting_twice_gives_the_same_files_and_keeps_the_checkpoint(trained):
 
 
 def test_errors_name_the_fix_and_write_nothing(trained, tmp_path):
-  from mdssd_jax import export  # pylint: disable=g-import-not-at-top
+  from mdssd_jax.run import export  # pylint: disable=g-import-not-at-top
   config = trained["config"]
   empty = tmp_path / "empty"
   empty.mkdir()

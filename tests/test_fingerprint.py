@@ -8,7 +8,8 @@ import jax
 import pytest
 
 from configs import mdssd300_voc, tiny_mdssd
-from mdssd_jax import checkpointing, models
+from mdssd_jax.state import checkpointing
+from mdssd_jax import models
 
 
 def _fingerprint(config, **meaning):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mdssd_jax import losses
+from mdssd_jax.core import losses
 
 # Jitted with the ratio and weight traced: eager dispatch or one compilation per setting would
 # dominate the test time.

@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 
 from configs import tiny_mdssd
-from mdssd_jax import experiment
+from mdssd_jax.state import experiment
 from mdssd_jax import models
-from mdssd_jax import optim
-from mdssd_jax import pixels
-from mdssd_jax import predict as predict_lib
-from mdssd_jax import train
+from mdssd_jax.state import optim
+from mdssd_jax.core import pixels
+from mdssd_jax.inference import predictor as predict_lib
+from mdssd_jax.run import train
 
 ACCELERATORS = ("cuda", "tpu")
 BATCH = 2

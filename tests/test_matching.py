@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from mdssd_jax import anchors as anchor_lib
-from mdssd_jax import matching
+from mdssd_jax.core import anchors as anchor_lib
+from mdssd_jax.core import matching
 
 # A tiny SSD-like spec: 64 px input, 4 layers, 336 default boxes.
 TINY = dict(image_size=64, feature_sizes=(8, 4, 2, 1), steps=(8, 16, 32, 64),

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import common
-from mdssd_jax import optim
+from mdssd_jax.state import optim
 
 
 def train_cfg(**overrides):

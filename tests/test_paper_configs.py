@@ -18,7 +18,7 @@ def _config(name):
 
 @pytest.mark.parametrize("name", PAPER_CONFIGS)
 def test_paper_config_refuses_a_random_trunk_and_names_the_way_out(name, tmp_path):
-  from mdssd_jax import train  # pylint: disable=g-import-not-at-top
+  from mdssd_jax.run import train  # pylint: disable=g-import-not-at-top
   config = _config(name)
   workdir = tmp_path / "run"
   with pytest.raises(ValueError) as err:
@@ -31,7 +31,7 @@ def test_paper_config_refuses_a_random_trunk_and_names_the_way_out(name, tmp_pat
 
 
 def test_random_trunk_is_allowed_when_asked_or_when_weights_are_named():
-  from mdssd_jax import experiment  # pylint: disable=g-import-not-at-top
+  from mdssd_jax.state import experiment  # pylint: disable=g-import-not-at-top
   config = _config("mdssd300_voc")
   config.model.allow_random_trunk = True
   experiment.check_trunk_init(config)

@@ -15,6 +15,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import common
+from mdssd_jax.core import images
 from mdssd_jax.data import pipeline
 from mdssd_jax.data import prepare
 from mdssd_jax.data import registry
@@ -198,11 +199,11 @@ def _jpeg(height=40, width=60):
 
 def test_decode_image_refuses_damaged_bytes():
   good = _jpeg()
-  image = pipeline.decode_image(good)
+  image = images.decode_image(good)
   assert image.shape == (40, 60, 3) and abs(int(image[15, 10, 0]) - 200) < 10   # RGB order
-  assert pipeline.decode_image(good[:len(good) // 2]) is None    # truncated
-  assert pipeline.decode_image(b"not an image at all") is None
-  assert pipeline.decode_image(b"") is None
+  assert images.decode_image(good[:len(good) // 2]) is None    # truncated
+  assert images.decode_image(b"not an image at all") is None
+  assert images.decode_image(b"") is None
 
 
 def test_clip_and_drop_degenerate_counts():

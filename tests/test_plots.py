@@ -1,4 +1,4 @@
-"""Per-size-bucket AP, PR curves and missed objects (mdssd_jax/plots.py) against a plain devkit loop."""
+"""Per-size-bucket AP, PR curves and missed objects (mdssd_jax/metrics/sizes.py, mdssd_jax/report/plots.py) against a plain devkit loop."""
 
 import math
 import os
@@ -6,9 +6,10 @@ import os
 import numpy as np
 import pytest
 
-from mdssd_jax import plots
+from mdssd_jax.metrics import sizes
+from mdssd_jax.report import plots
 
-BUCKETS = plots.SIZE_BUCKETS_PX
+BUCKETS = sizes.SIZE_BUCKETS_PX
 
 
 # ---- an independent reference: the VOC devkit's voc_eval loop, one detection at a time -----------
@@ -116,7 +117,7 @@ def _random_case(seed, num_images=12, num_classes=3):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_bucket_ap_and_pr_match_devkit_loop(seed):
   preds, gts = _random_case(seed)
-  result = plots.size_bucket_metrics(preds, gts, BUCKETS, missed_score_threshold=0.3)
+  result = sizes.size_bucket_metrics(preds, gts, BUCKETS, missed_score_threshold=0.3)
   assert result["buckets"] == [b[0] for b in BUCKETS]
   checked = 0
   for name, lo, hi in BUCKETS:
@@ -138,7 +139,7 @@ def test_bucket_ap_and_pr_match_devkit_loop(seed):
 
 def test_missed_sizes_match_a_loop():
   preds, gts = _random_case(5)
-  result = plots.size_bucket_metrics(preds, gts, BUCKETS, missed_score_threshold=0.4)
+  result = sizes.size_bucket_metrics(preds, gts, BUCKETS, missed_score_threshold=0.4)
   all_sizes, missed = [], []
   for p, g in zip(preds, gts):
     for box, label, difficult in zip(g["boxes"], g["labels"], g["difficult"]):
@@ -160,26 +161,26 @@ def test_hand_case_bucket_rule():
   gts = [dict(boxes=np.array([[0, 0, 10, 10], [50, 50, 70, 70]], float), labels=np.array([1, 2]))]
   preds = [dict(boxes=np.array([[0, 0, 10, 10], [100, 100, 250, 250], [200, 0, 210, 10]], float),
                 scores=np.array([0.9, 0.8, 0.7]), labels=np.array([1, 1, 2]))]
-  result = plots.size_bucket_metrics(preds, gts, BUCKETS)
+  result = sizes.size_bucket_metrics(preds, gts, BUCKETS)
   assert result["AP"]["tiny"] == pytest.approx(1.0)      # class 1: its only tiny detection is right
   assert result["AP"]["small"] == pytest.approx(0.0)     # class 2's small object never found
   assert math.isnan(result["AP"]["large"])               # no large object: no AP, only a false positive
   np.testing.assert_allclose(result["pr"]["tiny"]["precision"], [1.0, 0.5])   # 0.9 hit, 0.7 false
   np.testing.assert_allclose(result["missed_sizes_px"], [20.0])
-  assert plots.bucket_scalars(result) == {"AP_size/tiny": 1.0, "AP_size/small": 0.0}
+  assert sizes.bucket_scalars(result) == {"AP_size/tiny": 1.0, "AP_size/small": 0.0}
 
 
 def test_bad_buckets_error():
   with pytest.raises(ValueError, match="inside the previous bucket"):
-    plots.check_size_buckets((("a", 0, 32), ("b", 16, 64)))
+    sizes.check_size_buckets((("a", 0, 32), ("b", 16, 64)))
   with pytest.raises(ValueError, match=r"\(name, lowest_px, highest_px\)"):
-    plots.check_size_buckets((("a", 0),))
+    sizes.check_size_buckets((("a", 0),))
 
 
 def test_plots_written_and_sent_to_writer(tmp_path):
   preds, gts = _random_case(3)
-  result = plots.size_bucket_metrics(preds, gts)
-  history = [{"step": 100, "mAP": 0.2, **plots.bucket_scalars(result)},
+  result = sizes.size_bucket_metrics(preds, gts)
+  history = [{"step": 100, "mAP": 0.2, **sizes.bucket_scalars(result)},
              {"step": 200, "mAP": 0.4, "AP_size/tiny": 0.3, "AP_size/small": 0.5}]
 
   class Writer:

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from mdssd_jax import postprocess
+from mdssd_jax.core import postprocess
 
 DETECT = jax.jit(postprocess.detect, static_argnames=(
     "score_threshold", "nms_iou", "top_k", "pre_nms_top_k", "variances", "max_log_scale"))

@@ -12,7 +12,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mdssd_jax import predict, visualize
+from mdssd_jax.run import predict as run_predict
+from mdssd_jax.inference import predictor as predict
+from mdssd_jax.report import visualize
 
 MIN_SIDE_PX = 6
 SLOTS = 8
@@ -110,7 +112,7 @@ def test_predict_images_writes_json_and_pictures(tmp_path, caplog):
   cv2.imwrite(str(src / "b.png"), _image_with_squares(64, 64, [(5, 5, 20), (40, 40, 16)]))
   (src / "broken.jpg").write_bytes(b"not an image")
   out_dir = tmp_path / "out"
-  summary = predict.predict_images(fake_detector, [str(src)], ["sign"], str(out_dir),
+  summary = run_predict.predict_images(fake_detector, [str(src)], ["sign"], str(out_dir),
                                    input_size_px=64, score_threshold=0.5, batch_size=4,
                                    picture_format="png")
   assert summary["skipped"] == [str(src / "broken.jpg")]
@@ -139,16 +141,16 @@ def test_predict_images_tiled_and_errors(tmp_path):
   path = tmp_path / "big.png"
   cv2.imwrite(str(path), _image_with_squares(700, 900, [(610, 400, 12)]))
   tiled_cfg = ml_collections.ConfigDict(dict(enabled=True, overlap_px=64))
-  summary = predict.predict_images(fake_detector, [str(tmp_path / "*.png")], ["sign"],
+  summary = run_predict.predict_images(fake_detector, [str(tmp_path / "*.png")], ["sign"],
                                    str(tmp_path / "out"), input_size_px=256, tiled_cfg=tiled_cfg,
                                    batch_size=8)
   (r,) = json.load(open(summary["json_path"]))
   np.testing.assert_allclose(r["bbox"], [610, 400, 12, 12], atol=1e-2)
   with pytest.raises(ValueError, match="no image files match"):
-    predict.predict_images(fake_detector, [str(tmp_path / "*.gif")], ["sign"], str(tmp_path / "o2"), 256)
+    run_predict.predict_images(fake_detector, [str(tmp_path / "*.gif")], ["sign"], str(tmp_path / "o2"), 256)
   (tmp_path / "bad.jpg").write_bytes(b"xx")
   with pytest.raises(ValueError, match="could be read"):
-    predict.predict_images(fake_detector, [str(tmp_path / "bad.jpg")], ["sign"], str(tmp_path / "o3"), 256)
+    run_predict.predict_images(fake_detector, [str(tmp_path / "bad.jpg")], ["sign"], str(tmp_path / "o3"), 256)
 
 
 def test_draw_and_side_by_side():

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from mdssd_jax import pretrained
+from mdssd_jax.models import pretrained
 from mdssd_jax.models import vgg
 
 FEATURES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)   # conv indices in VGG16 `features`

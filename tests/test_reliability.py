@@ -63,7 +63,7 @@ def checkpoint_steps(workdir):
 
 def restore_all(config, workdir):
   """{step: state} of every checkpoint on disk, restored as training would."""
-  from mdssd_jax import checkpointing, experiment  # pylint: disable=g-import-not-at-top
+  from mdssd_jax.state import checkpointing, experiment  # pylint: disable=g-import-not-at-top
   manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"), config.train,
                                        create=False)
   try:
@@ -101,7 +101,7 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(data_dir, tmp_path_factory):
   """A workdir trained 2 steps (checkpoints of steps 1 and 2); copy it before changing it."""
-  from mdssd_jax import train  # pylint: disable=g-import-not-at-top
+  from mdssd_jax.run import train  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path_factory.mktemp("trained") / "run")
   train.train_and_evaluate(tiny_config(data_dir, **{"train.num_steps": 2,
                                                     "train.checkpoint_every_steps": 1}), workdir)
@@ -120,7 +120,7 @@ def copy_workdir(src, tmp_path, name="copy"):
 # ---------------------------------------------------------------------------------------------------
 
 def test_sgd_lr_1e38_stops_at_step_1_and_claims_no_checkpoint(data_dir, tmp_path):
-  from mdssd_jax import train  # pylint: disable=g-import-not-at-top
+  from mdssd_jax.run import train  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / "sgd")
   config = tiny_config(data_dir, **{"train.optimizer": "sgd", "train.base_lr": 1e38,
                                     "train.warmup_steps": 0, "train.num_steps": 3,
@@ -135,7 +135,7 @@ def test_sgd_lr_1e38_stops_at_step_1_and_claims_no_checkpoint(data_dir, tmp_path
 
 
 def test_adamw_lr_1e39_after_good_steps_keeps_only_finite_checkpoints(data_dir, trained, tmp_path):
-  from mdssd_jax import train  # pylint: disable=g-import-not-at-top
+  from mdssd_jax.run import train  # pylint: disable=g-import-not-at-top
   workdir = copy_workdir(trained, tmp_path)
   config = tiny_config(data_dir, **{"train.base_lr": 1e39, "train.warmup_steps": 0,
                                     "train.num_steps": 4, "train.checkpoint_every_steps": 1,
@@ -161,7 +161,7 @@ def test_adamw_lr_1e39_after_good_steps_keeps_only_finite_checkpoints(data_dir, 
 
 HOLD_LOCK = textwrap.dedent("""
     import sys, time
-    from mdssd_jax import workdir_lock
+    from mdssd_jax.state import workdir_lock
     with workdir_lock.WorkdirLock(sys.argv[1]):
       print("held", flush=True)
       time.sleep(600)
@@ -177,7 +177,7 @@ def _start_holder(workdir):
 
 
 def test_lock_is_exclusive_within_one_process(tmp_path):
-  from mdssd_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+  from mdssd_jax.state import workdir_lock  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / "w")
   with workdir_lock.WorkdirLock(workdir):
     with pytest.raises(workdir_lock.WorkdirBusyError, match=f"process {os.getpid()} on host"):
@@ -204,7 +204,7 @@ def test_second_trainer_exits_at_once_naming_workdir_and_holder(data_dir, tmp_pa
 
 
 def test_lock_of_a_killed_trainer_is_taken_over_with_a_warning(data_dir, tmp_path, caplog):
-  from mdssd_jax import train  # pylint: disable=g-import-not-at-top
+  from mdssd_jax.run import train  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / "stale")
   holder = _start_holder(workdir)
   holder.send_signal(signal.SIGKILL)
@@ -344,7 +344,8 @@ def test_predict_skips_a_truncated_jpeg_and_counts_it(data_dir, trained, tmp_pat
 
 KILL_BEFORE_FINAL_SAVE = textwrap.dedent("""
     import os, signal
-    from mdssd_jax import checkpointing, train
+    from mdssd_jax.state import checkpointing
+    from mdssd_jax.run import train
     from configs import tiny_mdssd
     real_save = checkpointing.save
     def die_before_final_save(manager, step, *args, **kwargs):
@@ -361,13 +362,14 @@ KILL_BEFORE_FINAL_SAVE = textwrap.dedent("""
 
 
 def test_kill_between_final_eval_and_save_leaves_one_result_line(data_dir, trained, tmp_path):
-  from mdssd_jax import evaluation, train  # pylint: disable=g-import-not-at-top
+  from mdssd_jax.report import history  # pylint: disable=g-import-not-at-top
+  from mdssd_jax.run import train
   workdir = copy_workdir(trained, tmp_path)
   proc = subprocess.run([sys.executable, "-c", KILL_BEFORE_FINAL_SAVE.format(data_dir=data_dir,
                                                                             workdir=workdir)],
                         cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
-  results_path = os.path.join(workdir, evaluation.EVAL_RESULTS_FILE)
+  results_path = os.path.join(workdir, history.EVAL_RESULTS_FILE)
   lines = [json.loads(l) for l in open(results_path)]
   assert [r["step"] for r in lines] == [2, 3]   # step 3 was evaluated, then the kill
   assert checkpoint_steps(workdir) == [1, 2]

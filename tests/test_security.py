@@ -22,7 +22,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from mdssd_jax import pretrained
+from mdssd_jax.models import pretrained
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_POSITIONS = ("magic", "protocol", "sys_info", "main", "keys")

@@ -148,7 +148,7 @@ def test_tables_report_mean_sample_std_and_verdict(tmp_path):
 
 def test_variants_share_heads_and_default_boxes():
   """ssd_fine and the MDSSD variants: same default boxes and head widths; ssd lacks the finest rung."""
-  from mdssd_jax import anchors as anchors_lib
+  from mdssd_jax.core import anchors as anchors_lib
   from mdssd_jax import models
   boxes, head_channels = {}, {}
   for variant in study.VARIANTS:

@@ -84,7 +84,7 @@ def test_main_trains_evaluates_and_says_where(data_dir, tmp_path):
 
 
 def test_resume_is_exact(data_dir, tmp_path):
-  from mdssd_jax import train  # pylint: disable=g-import-not-at-top
+  from mdssd_jax.run import train  # pylint: disable=g-import-not-at-top
   straight = str(tmp_path / "straight")
   train.train_and_evaluate(tiny_config(**{"train.num_steps": 6, "data.data_dir": data_dir}), straight)
   interrupted = str(tmp_path / "interrupted")
@@ -99,7 +99,8 @@ def test_resume_is_exact(data_dir, tmp_path):
 
 KILL_DURING_SAVE = textwrap.dedent("""
     import os, signal, sys, time
-    from mdssd_jax import checkpointing, train
+    from mdssd_jax.state import checkpointing
+    from mdssd_jax.run import train
     from configs import tiny_mdssd
     real_save = checkpointing.save
     def save_then_die(manager, step, *args, **kwargs):
@@ -121,7 +122,8 @@ def test_kill_during_checkpoint_save_resumes_from_previous(data_dir, tmp_path):
                         timeout=600)
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  from mdssd_jax import checkpointing, train  # pylint: disable=g-import-not-at-top
+  from mdssd_jax.state import checkpointing  # pylint: disable=g-import-not-at-top
+  from mdssd_jax.run import train
   config = tiny_config(**{"train.num_steps": 6, "data.data_dir": data_dir})
   manager = checkpointing.make_manager(ckpt_dir, config.train)
   assert manager.latest_step() == 2   # the half-written step 4 is not a checkpoint
@@ -132,7 +134,8 @@ def test_kill_during_checkpoint_save_resumes_from_previous(data_dir, tmp_path):
 
 
 def test_nonfinite_loss_stops_with_step_and_keeps_last_checkpoint(data_dir, tmp_path):
-  from mdssd_jax import checkpointing, experiment, train  # pylint: disable=g-import-not-at-top
+  from mdssd_jax.state import checkpointing, experiment  # pylint: disable=g-import-not-at-top
+  from mdssd_jax.run import train
   import jax  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / "nan")
   config = tiny_config(**{"train.num_steps": 40, "train.checkpoint_every_steps": 1,
@@ -151,7 +154,7 @@ def test_nonfinite_loss_stops_with_step_and_keeps_last_checkpoint(data_dir, tmp_
 
 
 def test_checkpoint_of_another_model_is_refused(data_dir, tmp_path):
-  from mdssd_jax import train  # pylint: disable=g-import-not-at-top
+  from mdssd_jax.run import train  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / "other")
   train.train_and_evaluate(tiny_config(**{"train.num_steps": 2, "data.data_dir": data_dir}), workdir)
   wider = tiny_config(**{"train.num_steps": 4, "data.data_dir": data_dir,
@@ -168,7 +171,9 @@ DATA_PARALLEL = textwrap.dedent("""
     if mode == "two_processes":
       jax.distributed.initialize(coordinator_address=f"127.0.0.1:{{port}}", num_processes=2,
                                  process_id=pid)
-    from mdssd_jax import experiment, multihost, train
+    from mdssd_jax.state import experiment
+    from mdssd_jax.core import multihost
+    from mdssd_jax.run import train
     from mdssd_jax.data import pipeline
     from configs import tiny_mdssd
     config = tiny_mdssd.get_config()
@@ -299,7 +304,8 @@ def test_tiled_prediction_equals_whole_image_when_one_tile_covers_the_image(data
   """The tiled eval path (TT100K configs) on images of exactly the input size: one tile, no seams,
   so it must find the boxes and scores of the whole-image path (its NMS across tiles is then a no-op)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from mdssd_jax import experiment, predict  # pylint: disable=g-import-not-at-top
+  from mdssd_jax.state import experiment  # pylint: disable=g-import-not-at-top
+  from mdssd_jax.inference import predictor as predict
   from mdssd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   config = tiny_config(**{"data.data_dir": data_dir, "eval.tiled.enabled": True})
   setup = experiment.Setup(config)

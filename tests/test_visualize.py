@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from mdssd_jax import visualize
+from mdssd_jax.report import visualize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,7 +69,7 @@ def test_class_colours_stable_across_calls_and_processes():
   first = [visualize.class_color(c) for c in range(1, 21)]
   assert first == [visualize.class_color(c) for c in range(1, 21)]
   assert len(set(first)) == 20
-  code = ("from mdssd_jax import visualize; "
+  code = ("from mdssd_jax.report import visualize; "
           "print([visualize.class_color(c) for c in range(1, 21)])")
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        check=True).stdout

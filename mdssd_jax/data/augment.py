@@ -14,18 +14,13 @@ from typing import Any, Mapping, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
+from mdssd_jax.core import images
+
 # Default canvas colour of `expand`: the ImageNet mean pixel, RGB, on the 0..255 scale (the mean of
 # configs/common.py IMAGENET_RGB times 255). Caffe fills with its BGR mean pixel (104, 117, 123).
 IMAGENET_MEAN_RGB_255 = (123.675, 116.28, 103.53)
 
 # Names accepted by `resize` and the `resize_interpolations` config key.
-INTERPOLATIONS = {
-    "linear": cv2.INTER_LINEAR,
-    "area": cv2.INTER_AREA,
-    "nearest": cv2.INTER_NEAREST,
-    "cubic": cv2.INTER_CUBIC,
-    "lanczos4": cv2.INTER_LANCZOS4,
-}
 DEFAULT_INTERPOLATIONS = ("linear",)
 
 # `augment.crop_sampler`: "caffe" runs every sampler and picks one of the successes (Caffe SSD's
@@ -39,18 +34,6 @@ _BELOW_360 = float(np.nextafter(360.0, 0.0))  # cv2.threshold keeps values > thr
 
 
 # ---- input checks ------------------------------------------------------------------------------
-
-def _check_image(image: np.ndarray, where: str) -> np.ndarray:
-  """The image itself, made C-contiguous (OpenCV rejects views with negative strides)."""
-  if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
-    raise TypeError(f"{where}: image must be a uint8 numpy array (H, W, 3) RGB, got "
-                    f"{type(image).__name__} of dtype {getattr(image, 'dtype', None)}; "
-                    "decode it with cv2/PIL and convert to uint8 first.")
-  if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] < 1 or image.shape[1] < 1:
-    raise ValueError(f"{where}: image must have shape (H, W, 3) with H, W >= 1, got {image.shape}; "
-                     "convert grey or RGBA images to RGB first.")
-  return np.ascontiguousarray(image)
-
 
 def _as_boxes(boxes_xyxy: Any, where: str) -> np.ndarray:
   """(N, 4) float64 copy, clipped to [0, 1]: the caller clips, but a stray 1.0000001 must not crash us."""
@@ -414,21 +397,6 @@ def _flip_label_rules(aug_cfg: Mapping[str, Any]) -> Tuple[dict, frozenset]:
 
 # ---- 5. resize (warp) --------------------------------------------------------------------------
 
-def resize(image: np.ndarray, size_px: int, interpolation: str = "linear") -> np.ndarray:
-  """Warps (H, W, 3) uint8 to (size_px, size_px, 3) uint8, ignoring the aspect ratio, as SSD does.
-
-  Normalised boxes need no change. interpolation: a key of INTERPOLATIONS.
-  """
-  if interpolation not in INTERPOLATIONS:
-    raise ValueError(f"unknown interpolation {interpolation!r}; known: {sorted(INTERPOLATIONS)}.")
-  size_px = int(size_px)
-  if size_px < 1:
-    raise ValueError(f"size_px must be a positive number of pixels, got {size_px}.")
-  if image.shape[0] == size_px and image.shape[1] == size_px:
-    return np.ascontiguousarray(image)
-  return cv2.resize(image, (size_px, size_px), interpolation=INTERPOLATIONS[interpolation])
-
-
 def drop_small_boxes(boxes_xyxy: np.ndarray, labels: np.ndarray, size_px: int,
                      min_box_size_px: float = 1.0) -> Tuple[np.ndarray, np.ndarray]:
   """Drops boxes narrower or shorter than `min_box_size_px` on a size_px x size_px image.
@@ -483,8 +451,8 @@ def validate_config(aug_cfg: Mapping[str, Any]) -> None:
   if int(aug_cfg["crop_max_trials"]) < 0:
     raise ValueError(f"augment.crop_max_trials = {aug_cfg['crop_max_trials']} must be >= 0.")
   for name in aug_cfg.get("resize_interpolations", DEFAULT_INTERPOLATIONS):
-    if name not in INTERPOLATIONS:
-      raise ValueError(f"augment.resize_interpolations has {name!r}; known: {sorted(INTERPOLATIONS)}.")
+    if name not in images.INTERPOLATIONS:
+      raise ValueError(f"augment.resize_interpolations has {name!r}; known: {sorted(images.INTERPOLATIONS)}.")
 
 
 def train_transform(image: np.ndarray, boxes_xyxy: np.ndarray, labels: np.ndarray,
@@ -508,7 +476,7 @@ def train_transform(image: np.ndarray, boxes_xyxy: np.ndarray, labels: np.ndarra
   flip_never_labels), interpolation, num_dropped_by_crop, num_dropped_small).
   """
   where = "train_transform"
-  image = _check_image(image, where)
+  image = images.check_image(image, where)
   boxes = _as_boxes(boxes_xyxy, where)
   labels = _as_labels(labels, len(boxes), where)
   validate_config(aug_cfg)
@@ -550,7 +518,7 @@ def train_transform(image: np.ndarray, boxes_xyxy: np.ndarray, labels: np.ndarra
   interpolations = tuple(aug_cfg.get("resize_interpolations", DEFAULT_INTERPOLATIONS))
   interpolation = interpolations[int(rng.integers(len(interpolations)))] if len(interpolations) > 1 \
       else interpolations[0]
-  image = resize(image, size_px, interpolation)
+  image = images.resize(image, size_px, interpolation)
 
   num_before_small = len(boxes)
   boxes, labels = drop_small_boxes(boxes, labels, size_px, min_box_size_px)
@@ -561,9 +529,3 @@ def train_transform(image: np.ndarray, boxes_xyxy: np.ndarray, labels: np.ndarra
               flip_blocked=flip_blocked, interpolation=interpolation, num_dropped_by_crop=num_dropped_by_crop,
               num_dropped_small=num_before_small - len(boxes))
   return (*outputs, info)
-
-
-def eval_transform(image: np.ndarray, size_px: int, interpolation: str = "linear") -> np.ndarray:
-  """Eval preprocessing: warp (H, W, 3) uint8 RGB to (size_px, size_px, 3) uint8; boxes stay as they are."""
-  image = _check_image(image, "eval_transform")
-  return resize(image, size_px, interpolation)

@@ -14,6 +14,8 @@ import os
 import threading
 import time
 
+from mdssd_jax.core.processes import pid_alive
+
 POLL_S = 0.5
 
 _watching = None   # the parent pid this process watches (one watchdog per process)
@@ -41,17 +43,6 @@ def watch_parent(parent_pid: int) -> bool:
                      daemon=True).start()
   return True
 
-
-def pid_alive(pid: int) -> bool:
-  """Whether process `pid` exists (on this host); False for pid <= 0."""
-  if pid <= 0:
-    return False
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:   # exists, owned by someone else
-    return True
   return True
 
 
@@ -64,5 +55,5 @@ def _watch(parent_pid, direct):
 def worker_init_fn(parent_pid: int, unused_worker_index: int = 0, unused_worker_count: int = 0):
   """For Grain's mp_prefetch(worker_init_fn=functools.partial(worker_init_fn, os.getpid()))."""
   watch_parent(parent_pid)
-  from mdssd_jax import console  # pylint: disable=g-import-not-at-top
-  console.configure_worker()   # the same quiet console as the command that started the worker
+  from mdssd_jax.data import workers  # pylint: disable=g-import-not-at-top
+  workers.run_worker_init()   # the same quiet console as the command that started the worker

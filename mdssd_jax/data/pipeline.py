@@ -13,20 +13,18 @@ import math
 import os
 
 from absl import flags
-import cv2
 import grain
 import numpy as np
 
+from mdssd_jax.core import images
 from mdssd_jax.data import augment
-from mdssd_jax import console
 from mdssd_jax.data import orphan_guard
 from mdssd_jax.data import registry
+from mdssd_jax.data import workers
 
 # The counters each example carries (as `_stats`) and PipelineStats sums, in this order.
 STAT_NAMES = ("corrupt_images", "boxes_clipped", "degenerate_dropped", "boxes_truncated")
 
-_JPEG_START_OF_SCAN = b"\xff\xda"
-_JPEG_END_OF_IMAGE = b"\xff\xd9"
 
 
 @dataclasses.dataclass
@@ -54,23 +52,6 @@ class PipelineStats:
 
 
 # ---- one record ----------------------------------------------------------------------------------
-
-def decode_image(encoded):
-  """Encoded image bytes -> uint8 (H, W, 3) RGB, or None when they are not a complete image.
-
-  Pixels in the file's own orientation (EXIF ignored), as the annotations' coordinates are.
-  """
-  encoded = bytes(encoded)
-  if encoded[:2] == b"\xff\xd8" and encoded.rfind(_JPEG_END_OF_IMAGE) < encoded.rfind(_JPEG_START_OF_SCAN):
-    return None  # a truncated JPEG: libjpeg would fill the rest with grey and only warn
-  buffer = np.frombuffer(encoded, np.uint8)
-  if buffer.size == 0:
-    return None
-  image = cv2.imdecode(buffer, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-  if image is None or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
-    return None
-  return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
 
 def record_name(record, index):
   """How warnings name a record: its image file (image/filename), else its index in the split."""
@@ -164,9 +145,9 @@ class _DecodeTrain(grain.transforms.Map):
     # In a Grain worker process: end with the trainer, even when it is killed with kill -9, and
     # log as quietly as the command that started it.
     if orphan_guard.watch_parent(self._parent_pid):
-      console.configure_worker()
+      workers.run_worker_init()
     index, record = element["index"], element["record"]
-    image = decode_image(record["image"])
+    image = images.decode_image(record["image"])
     if image is None:
       logging.warning("%s: the image %s cannot be decoded (damaged or truncated file); skipped",
                       self._dataset_name, record_name(record, index))
@@ -245,6 +226,14 @@ class TrainIterator:
 
   def start_prefetch(self):
     self._iterator.start_prefetch()
+
+  def checkpoint_save_args(self):
+    """The Orbax item that saves this iterator's position (state/checkpointing.py)."""
+    return grain.checkpoint.CheckpointSave(self)
+
+  def checkpoint_restore_args(self):
+    """The Orbax item that restores this iterator's position in place."""
+    return grain.checkpoint.CheckpointRestore(self)
 
 
 def _allow_grain_workers():
@@ -337,7 +326,7 @@ class _EvalExample(grain.transforms.Map):
     if position < 0:
       return self._blank(corrupt=False)
     record = self._source[position]
-    image = decode_image(record["image"])
+    image = images.decode_image(record["image"])
     if image is None:
       logging.warning("%s: the eval image %s cannot be decoded (damaged or truncated file); left "
                       "out of the evaluation (batch_mask False)", self._dataset_name,
@@ -351,7 +340,7 @@ class _EvalExample(grain.transforms.Map):
     assert num_truncated == 0, "eval max_boxes is the split's largest object count"
     padded["area"] = np.full((self._max_boxes,), -1.0, np.float32)
     padded["area"][:len(area)] = area
-    out = dict(padded, image=augment.eval_transform(image, self._size_px),
+    out = dict(padded, image=images.eval_transform(image, self._size_px),
                image_id=np.int64(position), orig_size=np.array(image.shape[:2], np.int32),
                batch_mask=np.bool_(True), _stats=np.array([0, num_clipped, num_degenerate, 0], np.int64))
     if self._with_original_images:

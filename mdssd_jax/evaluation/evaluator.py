@@ -1,30 +1,28 @@
-"""One evaluator per `config.evals.<name>` entry: its data, its predictor, its metric, its pictures.
+"""One evaluator per `config.evals.<name>` entry: a name, its eval batches, its metric; it is given a
+predict function and returns its results, which the caller writes (run/evaluate.py).
 
-Training, `--mode=eval` and the notebook call the same `Evaluator.run(state, step)`. Each process
-predicts its own slice of the split (whole images: one jit over the global mesh; large images: tiles
-on the process's own devices, no collectives), one all-gather at the end brings every image to every
-process, and all compute the same metrics; process 0 draws the pictures.
+Training, `--mode=eval` and the notebook call the same `Evaluator.run(predict_fn, step)`. Each process
+predicts its own slice of the split, one all-gather at the end brings every image to every process,
+and all compute the same metrics; the pictures with the most missed small objects are collected in
+memory (process 0 only) for the caller to write.
 """
 
+import dataclasses
 import time
-from typing import Any, Dict, Mapping
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional
 
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
-import numpy as np
 
-from mdssd_jax import experiment
-from mdssd_jax import multihost
-from mdssd_jax import plots
-from mdssd_jax import predict as predict_lib
-from mdssd_jax import visualize
-from mdssd_jax.data import pipeline
+from mdssd_jax.core import multihost
 from mdssd_jax.evaluation import loop
+from mdssd_jax.metrics import sizes
+from mdssd_jax.report import visualize
 
-
-# AP by object size is AP@0.5 (VOC's matching), whatever the evaluator's own metric.
-SIZE_AP_IOU = 0.5
+# eval batch -> this process's detections: boxes (B, K, 4) xyxy normalised to the original image,
+# scores (B, K), classes (B, K) 1..C, valid (B, K) (NumPy or jax arrays).
+BatchPredictFn = Callable[[Mapping[str, Any]], Mapping[str, Any]]
 
 
 def _gather_across_processes(arrays):
@@ -34,91 +32,74 @@ def _gather_across_processes(arrays):
   return multihost_utils.process_allgather(arrays)
 
 
-class Evaluator:
-  """Evaluates a training state on one split with one metric, as `config.evals.<name>` says.
+@dataclasses.dataclass
+class EvalResult:
+  """What one evaluator's run found.
 
-  Args:
-    name: the entry's name; metrics are reported as "<name>/<metric>".
-    entry: config.evals.<name>: type, split ("" = config.data.eval_split), every_steps (0 = only at
-      the end of training), max_images (0 = all), num_pictures, and the metric's own options.
-    setup: the experiment's `Setup` (mesh, model, default boxes, data set, pixel convention).
-    metric: the metric accumulator (evaluation.make_metric), add() / compute() / table().
+  metrics: {name: value}, the metric's own plus "AP_size/<bucket>"; table: the per-class report;
+  size_result: metrics/sizes.py's size_bucket_metrics (for the plots); pictures: the collected
+  pictures (report/visualize.py's PictureCollector; empty unless asked for, and on process 0 only).
   """
+  name: str
+  step: int
+  metrics: Dict[str, float]
+  table: str
+  size_result: Mapping[str, Any]
+  headline_metric: str
+  pictures: Optional[visualize.PictureCollector] = None
 
-  def __init__(self, name: str, entry: Mapping[str, Any], setup, metric):
-    self.name = name
-    self.entry = entry
-    self.setup = setup
-    self.metric = metric
-    config = setup.config
-    self.every_steps = int(entry.every_steps)
-    self.split = entry.split or config.data.eval_split
-    self.tiled = bool(config.eval.tiled.enabled)
-    self.batches = pipeline.make_eval_batches(
-        config, split=self.split, process_index=jax.process_index(),
-        process_count=jax.process_count(), with_original_images=self.tiled,
-        max_images=int(entry.max_images))
-    self._predict_fns = {}   # pixel convention -> jitted predict (built once, reused every run)
-    self.size_result = None  # plots.size_bucket_metrics of the last run
-    self.headline_metric = metric.HEADLINE
+
+@dataclasses.dataclass
+class Evaluator:
+  """Evaluates detections on one split with one metric.
+
+  name: the entry's name; metrics are reported as "<name>/<metric>".
+  batches: the split's eval batches (re-iterable; data/pipeline.py's make_eval_batches).
+  metric: a metric accumulator (metrics.make_metric): add() / compute() / table() / images().
+  every_steps: training evaluates at multiples of it and at the last step (0: only at the end).
+  size_buckets_px: ((name, lowest, highest), ...) of the AP-by-size buckets.
+  size_ap_07_metric: the AP-by-size uses VOC2007's 11-point AP (as a VOC07 metric does).
+  missed_score_threshold: a ground truth counts as missed unless a detection of at least this
+    score finds it (pictures and the missed-objects histogram).
+  make_pictures: () -> a visualize.PictureCollector, or None for no pictures.
+  """
+  name: str
+  batches: Iterable[Mapping[str, Any]]
+  metric: Any
+  every_steps: int = 0
+  size_buckets_px: Any = sizes.SIZE_BUCKETS_PX
+  size_ap_07_metric: bool = False
+  missed_score_threshold: float = 0.3
+  make_pictures: Optional[Callable[[], visualize.PictureCollector]] = None
 
   def due(self, step: int, last_step: int) -> bool:
     """Whether training evaluates at `step` (always at the last step)."""
     return step == last_step or (self.every_steps > 0 and step % self.every_steps == 0)
 
-  def _predict_fn(self, variables):
-    """eval batch -> this process's fixed-size detections (normalised to the original images)."""
-    setup = self.setup
-    key = repr(sorted(setup.convention.items()))
-    if key not in self._predict_fns:
-      if self.tiled:
-        self._predict_fns[key] = predict_lib.LocalPredictor(setup.model, setup.anchors, setup.config,
-                                                            setup.convention)
-      else:
-        self._predict_fns[key] = jax.jit(predict_lib.make_predict_fn(
-            setup.model, setup.anchors, setup.config, setup.convention))
-    fn = self._predict_fns[key]
-    if self.tiled:
-      fn.set_variables(variables)
-      return lambda batch: predict_lib.tiled_batch_detect(fn, batch["original_image"], setup.config)
+  @property
+  def headline_metric(self) -> str:
+    return self.metric.HEADLINE
 
-    def mesh_predict(batch):
-      images = setup.global_batch({"image": batch["image"]})["image"]
-      return multihost_utils.global_array_to_host_local_array(
-          fn(variables, images), setup.mesh, jax.sharding.PartitionSpec("data"))
+  def run(self, predict_fn: BatchPredictFn, step: int, pictures: bool = False) -> EvalResult:
+    """The results of `predict_fn` on this evaluator's split (the same metrics on every process).
 
-    return mesh_predict
-
-  def run(self, state, step: int, pictures_dir: str = "") -> Dict[str, float]:
-    """The metrics of `state` on this evaluator's split (the same on every process).
-
-    Besides the metric's own numbers: AP@0.5 per object size bucket ("AP_size/<bucket>", VOC rules,
-    config.eval.size_buckets_px; docs/evaluation.md). pictures_dir: where process 0 writes the
-    `num_pictures` images with the most missed small objects and their contact sheet ("" = none).
+    pictures: collect the pictures with the most missed small objects (process 0 only).
     """
-    config = self.setup.config
-    num_pictures = int(self.entry.num_pictures) if (pictures_dir and jax.process_index() == 0) else 0
-    pictures = visualize.PictureCollector(
-        num_pictures, self.setup.dataset.class_names,
-        score_threshold=config.eval.picture_score_threshold, iou_threshold=SIZE_AP_IOU,
-        small_object_px=config.eval.small_object_px, min_side_px=config.eval.picture_min_side_px,
-        sheet_columns=config.eval.sheet_columns)
+    collector = None
+    if pictures and self.make_pictures is not None and jax.process_index() == 0:
+      collector = self.make_pictures()
     start = time.time()
     metrics = loop.evaluate_batches(
-        self._predict_fn(experiment.model_variables(state)), self.batches, self.metric,
+        predict_fn, self.batches, self.metric,
         process_allgather=(_gather_across_processes if jax.process_count() > 1 else None),
-        on_batch=pictures.add_batch if num_pictures else None)
+        on_batch=collector.add_batch if collector is not None else None)
     predictions, ground_truths = self.metric.images()
-    self.size_result = plots.size_bucket_metrics(
-        predictions, ground_truths, config.eval.size_buckets_px, iou_threshold=SIZE_AP_IOU,
-        use_07_metric=bool(self.entry.type == "voc" and self.entry.use_07_metric),
-        missed_score_threshold=config.eval.picture_score_threshold)
-    metrics = dict(metrics, **plots.bucket_scalars(self.size_result))
+    size_result = sizes.size_bucket_metrics(
+        predictions, ground_truths, self.size_buckets_px, iou_threshold=sizes.SIZE_AP_IOU,
+        use_07_metric=self.size_ap_07_metric, missed_score_threshold=self.missed_score_threshold)
+    metrics = dict(metrics, **sizes.bucket_scalars(size_result))
     logging.info("evaluation %r at step %d took %.1f s", self.name, step, time.time() - start)
-    if num_pictures:
-      pictures.write(pictures_dir)
-    return {k: float(v) for k, v in metrics.items()}
-
-  def table(self) -> str:
-    """The per-class report of the last run."""
-    return self.metric.table()
+    return EvalResult(name=self.name, step=int(step),
+                      metrics={k: float(v) for k, v in metrics.items()}, table=self.metric.table(),
+                      size_result=size_result, headline_metric=self.headline_metric,
+                      pictures=collector)

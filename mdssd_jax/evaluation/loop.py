@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
 
 import numpy as np
 
-from mdssd_jax import boxes as box_lib
+from mdssd_jax.core import boxes as box_lib
 
 # The arrays each process keeps per image (fixed shapes, so that they can be all-gathered).
 _KEYS = ("boxes_px", "scores", "classes", "keep", "gt_boxes_px", "gt_labels", "gt_difficult",
@@ -89,7 +89,7 @@ def evaluate_batches(predict_fn: Callable[[Mapping[str, Any]], Mapping[str, Any]
       (B, K), classes (B, K) int 1..C, valid (B, K) bool (jitted forward + postprocess.detect).
     batches: eval batches (docs/data_formats.md): boxes normalised to the original image, labels (0 =
       padding), difficult, image_id, orig_size (h, w), batch_mask.
-    evaluator: a metric accumulator from `evaluation.make_metric`; it is reset first.
+    evaluator: a metric accumulator from `metrics.make_metric`; it is reset first.
     process_allgather: None on one process; else a function that takes a pytree of this process's
       NumPy arrays and returns them stacked over processes on a new leading axis, e.g.
       jax.experimental.multihost_utils.process_allgather (tiled=False). Every process must have run

@@ -25,7 +25,7 @@ import numpy as np
 
 KERNEL_CHOICES = ("auto", "native", "cpu", "portable")
 # "portable": the zero-insertion deconv and the reduce_window pool, the only forms the TFLite
-# converter legalises (it has no input-dilated conv and no variadic argmax reduce); mdssd_jax/export.py.
+# converter legalises (it has no input-dilated conv and no variadic argmax reduce); mdssd_jax/run/export.py.
 DECONV_STRIDE = 2
 # PyTorch's ConvTranspose2d padding for each deconv kernel size the Fusion Block uses: kernel 2 /
 # padding 0 maps n -> 2n, kernel 3 / padding 1 maps n -> 2n - 1 (docs/model.md, "Deconvolution").

@@ -1,8 +1,8 @@
 """SSD and MDSSD detectors: VGG16 trunk, extra layers, optional Fusion Blocks, prediction heads.
 
 Everything comes from `config.model` (layers, widths, dtype) and `config.anchors` (boxes per cell);
-the heads' outputs are concatenated in exactly the default-box order of `mdssd_jax.anchors`.
-`config.model.architecture` picks the builder from `mdssd_jax.models.registry`; every field of
+the heads' outputs are concatenated in exactly the default-box order of `mdssd_jax.core.anchors`.
+`config.model.architecture` picks the builder from `mdssd_jax.models.registry` (models/build.py); every field of
 `SSD` whose name is a key of `config.model` is taken from the config, so a new model setting is one
 field here and one config key (docs/model.md, "Adding a model setting").
 """
@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mdssd_jax import anchors as anchors_lib
 from mdssd_jax.models import fusion as fusion_lib
 from mdssd_jax.models import kernels as kernels_lib
 from mdssd_jax.models import vgg
@@ -144,7 +143,7 @@ def _num_extras_needed(model) -> int:
   return needed
 
 
-def _model_and_anchor_sections(config, anchors_cfg=None):
+def model_and_anchor_sections(config, anchors_cfg=None):
   """(model_cfg, anchors_cfg) from either a full config or a model section (+ anchors section)."""
   if "model" in config:
     return config["model"], config["anchors"] if anchors_cfg is None else anchors_cfg
@@ -164,27 +163,6 @@ def _check_sources(model_cfg):
     if source not in known:
       raise ValueError(f"head source {source!r} is not a map of the model; known maps: {known} "
                        f"(config.model.head_sources)")
-
-
-def build_model(model_cfg, anchors_cfg=None) -> SSD:
-  """The detector module described by `config.model`, with boxes per cell from `config.anchors`.
-
-  Args:
-    model_cfg: `config.model`, or the whole config (then its `anchors` section is used).
-    anchors_cfg: `config.anchors` (its aspect_ratios give each head's boxes per cell). Needed unless
-      model_cfg is the whole config.
-  Returns:
-    an `SSD` module: module.apply(variables, images (B, S, S, 3), train) -> (loc_preds, cls_logits).
-  """
-  model_cfg, anchors_cfg = _model_and_anchor_sections(model_cfg, anchors_cfg)
-  if anchors_cfg is None:
-    raise ValueError("build_model needs the anchors section for the boxes per cell: call "
-                     "build_model(config.model, config.anchors) or build_model(config)")
-  heads, ratios = tuple(model_cfg.head_sources), tuple(anchors_cfg.aspect_ratios)
-  if len(heads) != len(ratios):
-    raise ValueError(f"config.model.head_sources has {len(heads)} heads {list(heads)} but "
-                     f"config.anchors.aspect_ratios has {len(ratios)} entries: give one per head")
-  return _build(model_cfg, tuple(anchors_lib.num_boxes_per_cell(r) for r in ratios))
 
 
 # SSD fields that do not come from config.model under their own name.
@@ -218,12 +196,6 @@ def module_kwargs(module_cls, model_cfg, **explicit):
     kwargs[field.name] = value
   kwargs.update(explicit)
   return kwargs
-
-
-def _build(model_cfg, boxes_per_cell) -> SSD:
-  # Imported here: the registry imports this module for its builders.
-  from mdssd_jax.models import registry  # pylint: disable=g-import-not-at-top
-  return registry.get_builder(model_cfg.get("architecture", "ssd"))(model_cfg, boxes_per_cell)
 
 
 def check_model_config(model_cfg):
@@ -265,41 +237,6 @@ def abstract_forward(model: SSD, image_size: int, batch_size: int = 1):
   variables = dict(variables)
   head_maps = variables.pop("intermediates")[HEAD_MAPS]
   return variables, outputs, tuple(head_maps)
-
-
-def feature_sizes(model_cfg) -> Tuple[int, ...]:
-  """Side of each head's map, finest first, for `config.model` (or the whole config); no compute."""
-  model_cfg, _ = _model_and_anchor_sections(model_cfg)
-  # Map sizes do not depend on the boxes per cell: one box per cell is enough to trace the model.
-  model = _build(model_cfg, (1,) * len(model_cfg.head_sources))
-  _, _, maps = abstract_forward(model, int(model_cfg.input_size_px))
-  return tuple(int(m.shape[1]) for m in maps)
-
-
-def build_detector(config) -> Tuple[SSD, np.ndarray]:
-  """The model and its default boxes for a whole config, checked against each other.
-
-  Returns: (model, anchors_cxcywh np.float32 (A, 4)).
-  Raises ValueError naming both numbers when the model predicts a different number of boxes per
-  image than there are default boxes, and both lists when the head map sizes differ from
-  config.anchors.feature_sizes.
-  """
-  model = build_model(config.model, config.anchors)
-  size = int(config.model.input_size_px)
-  anchors = anchors_lib.from_config(config.anchors, size)
-  _, (loc_preds, _), maps = abstract_forward(model, size)
-  model_sizes = [int(m.shape[1]) for m in maps]
-  config_sizes = [int(f) for f in config.anchors.feature_sizes]
-  if loc_preds.shape[1] != anchors.shape[0]:
-    raise ValueError(
-        f"the model predicts {loc_preds.shape[1]} boxes per image but config.anchors gives "
-        f"{anchors.shape[0]} default boxes (model head map sizes {model_sizes}, "
-        f"config.anchors.feature_sizes {config_sizes}): make config.anchors match the model")
-  if model_sizes != config_sizes:
-    raise ValueError(
-        f"the model's head maps are {model_sizes} but config.anchors.feature_sizes is "
-        f"{config_sizes}: set config.anchors.feature_sizes = {tuple(model_sizes)}")
-  return model, anchors
 
 
 def count_params(params) -> int:

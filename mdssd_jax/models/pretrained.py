@@ -1,0 +1,442 @@
+"""ImageNet VGG16 weights into the SSD trunk: timm / torchvision / ssd.pytorch files, no torch.
+
+fc6/fc7 become the dilated conv6 and the 1x1 conv7 by decimation (docs/pretrained_weights.md). Each
+source's pixel convention travels with its weights. Every pickle of a PyTorch `.pth` file (zip and
+legacy formats) is read with one restricted unpickler that builds NumPy arrays and refuses any other
+object, so a weights file cannot run code.
+"""
+
+import collections
+import io
+import os
+import pickle
+import zipfile
+from typing import Any, Dict, Mapping, Tuple
+
+import numpy as np
+
+from mdssd_jax.models import vgg
+
+SOURCES = ("timm", "torchvision", "ssd_pytorch")
+
+# Pixel conventions the weights were trained with (docs/pretrained_weights.md; pixels.normalize).
+IMAGENET_RGB = dict(channel_order="RGB", input_range=1.0, mean=(0.485, 0.456, 0.406),
+                    std=(0.229, 0.224, 0.225))
+CAFFE_BGR = dict(channel_order="BGR", input_range=255.0, mean=(104.0, 117.0, 123.0),
+                 std=(1.0, 1.0, 1.0))
+PIXEL_CONVENTIONS = dict(timm=IMAGENET_RGB, torchvision=IMAGENET_RGB, ssd_pytorch=CAFFE_BGR)
+
+# Index of each VGG16 conv in torchvision's / timm's `features` Sequential and in ssd.pytorch's
+# `vgg` ModuleList (conv, ReLU pairs and pools: 0, 2, 5, 7, 10, ...); fc6/fc7 are 31/33 there.
+_FEATURE_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
+_SSD_PYTORCH_FC = ("31", "33")
+
+# DeepLab's decimation of the ImageNet classifier (docs/pretrained_weights.md).
+DECIMATE_CHANNELS = 4       # keep every 4th fc6 output, fc7 input and output
+FC6_TAPS = (0, 3, 6)        # of the 7x7 fc6 kernel: a 3x3 kernel that, dilated by 3x2, spans it
+
+
+def _fc_keys(source):
+  """(fc6 weight key, fc7 weight key) of a source; biases share the prefix."""
+  return dict(timm=("pre_logits.fc1", "pre_logits.fc2"),
+              torchvision=("classifier.0", "classifier.3"),
+              ssd_pytorch=_SSD_PYTORCH_FC)[source]
+
+
+def _conv_prefix(source, index):
+  return f"{index}" if source == "ssd_pytorch" else f"features.{index}"
+
+
+def detect_source(keys) -> str:
+  """Which source wrote a state dict, from its key names."""
+  keys = set(keys)
+  for source in SOURCES:
+    fc6, fc7 = _fc_keys(source)
+    if {f"{fc6}.weight", f"{fc7}.weight", f"{_conv_prefix(source, 0)}.weight"} <= keys:
+      return source
+  raise ValueError(
+      "cannot tell which VGG16 weights these are: expected timm (features.N, pre_logits.fc1/fc2), "
+      "torchvision (features.N, classifier.0/3) or ssd.pytorch (0 .. 28, 31, 33) key names; found "
+      f"{sorted(keys)[:12]}{' ...' if len(keys) > 12 else ''}. Name the source with "
+      "config.model.init_source if the keys are right.")
+
+
+# ---- reading files ----------------------------------------------------------------------------
+#
+# A .pth file is a pickle, and unpickling runs whatever callable the file names. Every pickle read
+# here (the five of the legacy format, data.pkl of the zip format) goes through _RestrictedUnpickler,
+# which resolves only the names a state dict of tensors needs (docs/pretrained_weights.md, "Which
+# formats are safe"). safetensors files hold no code at all.
+
+def read_state_dict(path: str) -> Dict[str, np.ndarray]:
+  """{key: np.ndarray} from a safetensors file or a PyTorch .pth (zip or legacy), without torch.
+
+  Raises pickle.UnpicklingError naming the file when a .pth asks for anything but tensors, numbers,
+  strings, lists and dicts (a file crafted to run code, or not a state dict); nothing it names is
+  ever called. ValueError naming the file for any other damage.
+  """
+  path = os.fspath(path)
+  with open(path, "rb") as f:
+    head = f.read(4)
+  if head.startswith(b"PK"):
+    state = _read_torch_zip(path)
+  elif head[:1] == b"\x80":   # pickle PROTO opcode: PyTorch's legacy (pre-1.6) format
+    with open(path, "rb") as f:
+      state = _read_torch_legacy(f, path)
+  else:
+    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    try:
+      state = load_file(path)
+    except Exception as e:  # the file is none of the three formats
+      raise ValueError(f"{path}: not a safetensors file nor a PyTorch .pth ({e})") from e
+  return _unwrap(state, path)
+
+
+def _unwrap(obj, path):
+  """The tensor dict of a checkpoint, without the usual wrappers ({'state_dict': ..}, 'module.')."""
+  for wrapper in ("state_dict", "model"):
+    if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
+      obj = obj[wrapper]
+  if not isinstance(obj, Mapping):
+    raise ValueError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+  out = {}
+  for key, value in obj.items():
+    if isinstance(value, np.ndarray):
+      out[key[len("module."):] if key.startswith("module.") else key] = value
+  return out
+
+
+_STORAGE_DTYPES = dict(
+    FloatStorage=np.float32, DoubleStorage=np.float64, HalfStorage=np.float16,
+    LongStorage=np.int64, IntStorage=np.int32, ShortStorage=np.int16, CharStorage=np.int8,
+    ByteStorage=np.uint8, BoolStorage=np.bool_, BFloat16Storage="bfloat16")
+
+
+class _StorageType:
+  """Stands for torch.<X>Storage in a pickle: only its element dtype matters. Not callable."""
+
+  def __init__(self, name):
+    dtype = _STORAGE_DTYPES[name]
+    if isinstance(dtype, str):
+      import ml_dtypes  # pylint: disable=g-import-not-at-top
+      dtype = getattr(ml_dtypes, dtype)
+    self.dtype = np.dtype(dtype)
+
+
+def _int_tuple(values, what):
+  if not isinstance(values, (tuple, list)) or not all(isinstance(v, int) for v in values):
+    raise ValueError(f"a tensor's {what} is {values!r}, not a tuple of ints")
+  return tuple(values)
+
+
+class _TensorRef:
+  """A tensor as torch._utils._rebuild_tensor(_v2) describes it: a strided view of a flat storage.
+
+  Kept lazy because the legacy format stores the data after the pickle that refers to it.
+  """
+
+  def __init__(self, storage, storage_offset, size, stride, *unused):
+    self.storage, self.offset = storage, storage_offset
+    self.size, self.stride = size, stride
+
+  def numpy(self) -> np.ndarray:
+    # Attributes are checked here, not in __init__: a pickle's BUILD opcode can overwrite them.
+    if not isinstance(self.storage, np.ndarray) or self.storage.ndim != 1:
+      raise ValueError("a tensor whose storage is not a storage record")
+    if not isinstance(self.offset, int):
+      raise ValueError(f"a tensor's storage offset is {self.offset!r}, not an int")
+    size, stride = _int_tuple(self.size, "shape"), _int_tuple(self.stride, "stride")
+    if len(size) != len(stride) or min(size, default=0) < 0:
+      raise ValueError(f"a tensor of shape {size} with strides {stride}")
+    itemsize = self.storage.dtype.itemsize
+    # as_strided does not check bounds: a corrupt file must not make it read foreign memory.
+    last = self.offset + sum((n - 1) * s for n, s in zip(size, stride))
+    if (min(size, default=1) > 0 and
+        (self.offset < 0 or min(stride, default=0) < 0 or last >= self.storage.size)):
+      raise ValueError(f"a tensor of shape {size} (stride {stride}, offset {self.offset}) "
+                       f"overruns its storage of {self.storage.size} elements")
+    view = np.lib.stride_tricks.as_strided(
+        self.storage[self.offset:], shape=size,
+        strides=tuple(s * itemsize for s in stride), writeable=False)
+    # A contiguous view is used as it is: fc6 alone is 400 MB, a copy would double the peak.
+    return view if view.flags.c_contiguous else np.array(view)
+
+
+def _rebuild_parameter(data, *unused):
+  return data
+
+
+# The only names a pickle in a weights file may resolve, and what each stands for here. Nothing
+# else is importable through it: not builtins, not os, not numpy.
+_ALLOWED_GLOBALS = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor"): _TensorRef,
+    ("torch._utils", "_rebuild_tensor_v2"): _TensorRef,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    **{("torch", name): _StorageType(name) for name in _STORAGE_DTYPES},
+}
+
+
+class _RestrictedUnpickler(pickle._Unpickler):  # pylint: disable=protected-access
+  """The one unpickler for every pickle of a weights file: only _ALLOWED_GLOBALS resolve.
+
+  Names reach a pickle through GLOBAL, STACK_GLOBAL and INST, which call find_class, and through
+  EXT1/2/4 (copyreg's extension registry), which the C unpickler serves from copyreg's cache
+  without asking find_class. Hence the Python unpickler, whose get_extension can be closed (a
+  state dict never uses EXT); the pickles are small, the tensors' bytes are read apart. So no other
+  callable can reach REDUCE, NEWOBJ or BUILD. `load_storage(storage_type, key, numel, view)`
+  returns the flat storage (np.ndarray) of a persistent id (the two file formats differ only
+  there); without it, a persistent id is refused as well. `what` names the pickle in messages.
+  """
+
+  def __init__(self, file, path, what, load_storage=None):
+    super().__init__(file)
+    self._path, self._what, self._load_storage = path, what, load_storage
+
+  def _load_build(self):
+    # BUILD sets attributes from the state on top of the stack. torch uses it on state dicts
+    # (OrderedDict._metadata); on a class or function it would rewrite our own code's objects.
+    target = self.stack[-2] if len(self.stack) >= 2 else None
+    if not isinstance(target, (collections.OrderedDict, dict, _TensorRef)):
+      raise pickle.UnpicklingError(
+          f"{self._path}: refusing to set attributes of {type(target).__name__} objects in the "
+          f"{self._what} of this weights file (nothing was run); a state dict never does.")
+    pickle._Unpickler.load_build(self)  # pylint: disable=protected-access
+
+  dispatch = dict(pickle._Unpickler.dispatch)  # pylint: disable=protected-access
+  dispatch[pickle.BUILD[0]] = _load_build
+
+  def get_extension(self, code):
+    raise pickle.UnpicklingError(
+        f"{self._path}: refusing extension code {code} (copyreg) in the {self._what} of this "
+        "weights file (nothing was run): a state dict never uses one. Use a file from a source "
+        "you trust, or its safetensors version (docs/pretrained_weights.md).")
+
+  def find_class(self, module, name):
+    found = _ALLOWED_GLOBALS.get((module, name))
+    # The pickles around the state dict (magic, protocol, sys info, keys) need no names at all.
+    if found is None or self._load_storage is None:
+      raise pickle.UnpicklingError(
+          f"{self._path}: refusing to load {module}.{name} from the {self._what} of this weights "
+          "file (nothing was run). A state dict needs only tensors, numbers, strings, lists and "
+          "dicts; this file asks for more, so it is not a plain state dict or it was made to run "
+          "code. Use a file from a source you trust, or its safetensors version "
+          "(docs/pretrained_weights.md).")
+    return found
+
+  def persistent_load(self, pid):
+    # ('storage', storage type, key, location, numel[, view metadata (legacy format)])
+    if not (self._load_storage is not None and isinstance(pid, tuple) and len(pid) >= 5
+            and pid[0] == "storage" and isinstance(pid[1], _StorageType)
+            and isinstance(pid[2], (str, int)) and isinstance(pid[4], int) and pid[4] >= 0):
+      raise pickle.UnpicklingError(
+          f"{self._path}: unsupported persistent id {pid!r} in the {self._what} of this weights "
+          "file (expected a tensor storage record)")
+    view = pid[5] if len(pid) > 5 else None
+    return self._load_storage(pid[1], str(pid[2]), pid[4], view)
+
+
+def _restricted_load(file, path, what, load_storage=None):
+  """One pickle from `file` through _RestrictedUnpickler; any failure names the file and the pickle."""
+  try:
+    return _RestrictedUnpickler(file, path, what, load_storage).load()
+  except pickle.UnpicklingError:
+    raise
+  except Exception as e:  # truncated or corrupt pickles raise all kinds of errors
+    raise ValueError(f"{path}: the {what} of this PyTorch weights file is damaged "
+                     f"({type(e).__name__}: {e}); download it again") from e
+
+
+def _materialise(obj, path):
+  """Replaces _TensorRefs by np.ndarrays in (nested) dicts."""
+  if isinstance(obj, Mapping):
+    return {k: _materialise(v, path) for k, v in obj.items()}
+  if isinstance(obj, _TensorRef):
+    try:
+      return obj.numpy()
+    except ValueError as e:
+      raise ValueError(f"{path}: corrupt weights file: {e}") from e
+  return obj
+
+
+def _read_torch_zip(path):
+  """PyTorch >= 1.6 format: <dir>/data.pkl plus one raw file <dir>/data/<key> per storage."""
+  with zipfile.ZipFile(path) as zf:
+    names = set(zf.namelist())
+    pkl_names = [n for n in names if n.endswith("data.pkl")]
+    if len(pkl_names) != 1:
+      raise ValueError(f"{path}: a zip but not a PyTorch checkpoint (no single data.pkl)")
+    prefix = pkl_names[0][:-len("data.pkl")]
+    order = "<"
+    if prefix + "byteorder" in names:
+      order = "<" if zf.read(prefix + "byteorder").decode().strip() == "little" else ">"
+    cache = {}
+
+    def load_storage(storage_type, key, numel, unused_view):
+      if key not in cache:
+        member = f"{prefix}data/{key}"
+        if member not in names:
+          raise ValueError(f"storage {member} is missing")
+        raw = zf.read(member)
+        cache[key] = np.frombuffer(raw, storage_type.dtype.newbyteorder(order), numel).astype(
+            storage_type.dtype, copy=False)
+      return cache[key]
+
+    result = _restricted_load(io.BytesIO(zf.read(pkl_names[0])), path, "data.pkl pickle",
+                              load_storage)
+    return _materialise(result, path)
+
+
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+
+
+def _read_torch_legacy(f, path):
+  """PyTorch < 1.6 format: magic, protocol, sys info, the pickle, its storage keys, raw storages.
+
+  Each storage follows as an int64 element count and its bytes, in the order of the keys list;
+  the arrays are allocated while unpickling and filled in place afterwards.
+  """
+  if _restricted_load(f, path, "magic-number pickle") != _LEGACY_MAGIC:
+    raise ValueError(f"{path}: not a PyTorch checkpoint (bad magic number); expected a .pth or "
+                     "safetensors file")
+  protocol = _restricted_load(f, path, "protocol-version pickle")
+  if not isinstance(protocol, int):
+    raise ValueError(f"{path}: the protocol version is {protocol!r}, not an int")
+  sys_info = _restricted_load(f, path, "sys-info pickle")
+  little = not isinstance(sys_info, dict) or sys_info.get("little_endian", True)
+  order = "<" if little else ">"
+  file_bytes = os.fstat(f.fileno()).st_size
+  roots = {}
+
+  def load_storage(storage_type, key, numel, view):
+    if key not in roots:
+      if numel * storage_type.dtype.itemsize > file_bytes:   # no huge allocation for a bad count
+        raise ValueError(f"storage {key!r} claims {numel} elements, more than the file holds")
+      roots[key] = np.empty(numel, storage_type.dtype)
+    if view is None:
+      return roots[key]
+    _, offset, view_size = view   # a storage that is a slice of another
+    return roots[key][int(offset):int(offset) + int(view_size)]
+
+  result = _restricted_load(f, path, "main (state dict) pickle", load_storage)
+  keys = _restricted_load(f, path, "storage-keys pickle")
+  if not isinstance(keys, list) or not all(str(k) in roots for k in keys):
+    raise ValueError(f"{path}: the storage keys {keys!r} do not match the state dict's storages")
+  for key in keys:
+    array = roots[str(key)]
+    count = int(np.frombuffer(f.read(8), order + "i8")[0])
+    if not 0 <= count <= array.size:
+      raise ValueError(f"{path}: storage {key!r} holds {count} elements, expected {array.size}")
+    array[:count] = np.frombuffer(f.read(count * array.dtype.itemsize),
+                                  array.dtype.newbyteorder(order), count)
+  return _materialise(result, path)
+
+
+# ---- mapping to the trunk ---------------------------------------------------------------------
+
+def _torch_weights(state, source) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+  """{trunk layer name: (weight OIHW, bias)} in the trunk's shapes, decimating fc6/fc7 if needed."""
+  def get(key, shape):
+    if key not in state:
+      raise ValueError(f"the {source} weights lack {key!r}: is this a VGG16 file? "
+                       f"(config.model.init_source={source!r})")
+    value = np.asarray(state[key])
+    if shape is not None and tuple(value.shape) != tuple(shape):
+      raise ValueError(f"{source} weights: {key!r} has shape {tuple(value.shape)}, expected "
+                       f"{tuple(shape)} (VGG16): wrong file or wrong init_source?")
+    return value.astype(np.float32)
+
+  layers = {}
+  c_in = 3
+  names = vgg.trunk_layer_names()
+  widths = [w for stage in vgg.VGG16_STAGES for w in stage]
+  for name, index, c_out in zip(names, _FEATURE_INDICES, widths):
+    prefix = _conv_prefix(source, index)
+    layers[name] = (get(f"{prefix}.weight", (c_out, c_in, 3, 3)), get(f"{prefix}.bias", (c_out,)))
+    c_in = c_out
+
+  fc6, fc7 = _fc_keys(source)
+  n6, n7 = vgg.FC6_CHANNELS * DECIMATE_CHANNELS, vgg.FC7_CHANNELS * DECIMATE_CHANNELS
+  last = vgg.VGG16_STAGES[-1][-1]
+  full = 7   # ImageNet VGG16's fc6 is a 7x7 conv over the 512x7x7 pool5 map
+  if source == "ssd_pytorch":   # already decimated
+    layers["conv6"] = (get(f"{fc6}.weight", (vgg.FC6_CHANNELS, last, 3, 3)),
+                       get(f"{fc6}.bias", (vgg.FC6_CHANNELS,)))
+    layers["conv7"] = (get(f"{fc7}.weight", (vgg.FC7_CHANNELS, vgg.FC6_CHANNELS, 1, 1)),
+                       get(f"{fc7}.bias", (vgg.FC7_CHANNELS,)))
+    return layers
+  if source == "torchvision":   # Linear layers: fc6 (4096, 512*7*7) flattened as (C, H, W)
+    w6 = get(f"{fc6}.weight", (n6, last * full * full)).reshape(n6, last, full, full)
+    w7 = get(f"{fc7}.weight", (n7, n6)).reshape(n7, n6, 1, 1)
+  else:                         # timm: ConvMlp, already conv-shaped
+    w6 = get(f"{fc6}.weight", (n6, last, full, full))
+    w7 = get(f"{fc7}.weight", (n7, n6, 1, 1))
+  b6, b7 = get(f"{fc6}.bias", (n6,)), get(f"{fc7}.bias", (n7,))
+  taps = np.asarray(FC6_TAPS)
+  d = DECIMATE_CHANNELS
+  layers["conv6"] = (w6[::d][:, :, taps][:, :, :, taps], b6[::d])
+  layers["conv7"] = (w7[::d, ::d], b7[::d])
+  return layers
+
+
+def _trunk_params(params):
+  if "vgg" not in params:
+    raise ValueError(f"load_vgg16 needs the detector's params (with a 'vgg' subtree); got keys "
+                     f"{sorted(params)[:8]}")
+  return params["vgg"]
+
+
+def load_vgg16(path: str, params, source: str = "auto") -> Tuple[Dict[str, Any], Dict[str, Any]]:
+  """Detector params with the trunk (conv1_1 .. conv7) replaced by ImageNet VGG16 weights.
+
+  Args:
+    path: safetensors or .pth file: timm `vgg16.tv_in1k`, torchvision `vgg16-397923af.pth` or
+      ssd.pytorch `vgg16_reducedfc.pth`.
+    params: the detector's "params" tree (arrays or ShapeDtypeStructs); only params["vgg"] changes.
+    source: "auto" (from the key names), "timm", "torchvision" or "ssd_pytorch".
+  Returns:
+    (new params (trunk leaves np.float32, others untouched), pixel convention dict of the source
+    for `mdssd_jax.core.pixels.normalize`).
+  Raises:
+    ValueError naming the key and both shapes on a wrong file; naming width_multiplier or
+    batch_norm when the model cannot take VGG16 weights.
+  """
+  trunk = _trunk_params(params)
+  first = trunk.get("conv1_1", {})
+  if "bn" in first or "bias" not in first.get("conv", {}):
+    raise ValueError("config.model.batch_norm=True is incompatible with ImageNet VGG16 weights "
+                     "(they have no batch norm): set batch_norm=False or init_from=''")
+  conv1 = first["conv"]["kernel"].shape
+  if conv1[-1] != vgg.VGG16_STAGES[0][0]:
+    raise ValueError(f"config.model.width_multiplier != 1.0 is incompatible with VGG16 weights: "
+                     f"the model's conv1_1 has {conv1[-1]} channels, VGG16's "
+                     f"{vgg.VGG16_STAGES[0][0]}: set width_multiplier=1.0 or init_from=''")
+
+  state = read_state_dict(path)
+  if source == "auto":
+    source = detect_source(state.keys())
+  if source not in SOURCES:
+    raise ValueError(f"unknown init_source {source!r}; use 'auto' or one of {SOURCES}")
+  layers = _torch_weights(state, source)
+
+  new_trunk = dict(trunk)
+  for name, (w, b) in layers.items():
+    kernel = np.ascontiguousarray(w.transpose(2, 3, 1, 0))   # OIHW -> HWIO
+    expected = tuple(trunk[name]["conv"]["kernel"].shape)
+    if kernel.shape != expected:
+      raise ValueError(f"{source} weights for {name}: kernel {kernel.shape} (HWIO) does not fit "
+                       f"the model's {expected}")
+    new_trunk[name] = dict(trunk[name], conv=dict(kernel=kernel, bias=b))
+  new_params = dict(params)
+  new_params["vgg"] = new_trunk
+  return new_params, dict(PIXEL_CONVENTIONS[source])
+
+
+def init_from_config(model_cfg, params):
+  """(params, pixel convention) for `config.model`: VGG16 weights if init_from names a file.
+
+  Without a file the params are returned as they are with config.model.pixel.
+  """
+  if not model_cfg.init_from:
+    return params, dict(model_cfg.pixel)
+  return load_vgg16(model_cfg.init_from, params, model_cfg.init_source)
