@@ -12,7 +12,6 @@ Kept short so that the library can be imported and tested (in a notebook too).
 """
 
 import errno
-import logging as logging_std
 import os
 import sys
 import threading
@@ -23,6 +22,7 @@ from absl import flags
 from absl import logging
 
 from mdssd_jax.cli import console
+from mdssd_jax.report import progress
 
 # Before JAX (and TensorFlow, which clu and TFDS load) read their logging environment.
 console.set_library_environment(sys.argv)
@@ -80,12 +80,12 @@ def main(argv):
     if _SUGGEST.value:
       from mdssd_jax.run import anchor_design  # pylint: disable=g-import-not-at-top
       ratios = _SUGGEST_RATIOS.value
-      print(anchor_design.suggest_for_config(
+      progress.say(anchor_design.suggest_for_config(
           config, ratios_per_head=[int(r) for r in ratios] if ratios else None,
           seed=_SUGGEST_SEED.value, plot_path=_PLOT.value))
       return
     from mdssd_jax.run import anchor_coverage  # pylint: disable=g-import-not-at-top
-    print(anchor_coverage.coverage_for_config(config, plot_path=_PLOT.value))
+    progress.say(anchor_coverage.coverage_for_config(config, plot_path=_PLOT.value))
     return
   if not _WORKDIR.value:
     raise app.UsageError(f"--workdir is required for --mode={mode}")
@@ -157,20 +157,6 @@ def describe_failure(err, workdir=None, data_dir=None):
   return f"{type(err).__name__}: {err}", True
 
 
-class _LibraryTracebackFilter(logging_std.Filter):
-  """Default verbosity: a library's error record keeps its line but loses its traceback.
-
-  Orbax logs the traceback of a failed asynchronous save each time it is raised; the error itself
-  propagates to the one message of `_main_reporting_errors`, and -v shows every traceback.
-  """
-
-  def filter(self, record):
-    if record.exc_info and "site-packages" in (record.pathname or ""):
-      record.exc_info = None
-      record.exc_text = None
-    return True
-
-
 def _is_closed_event_loop_error(exc_type, exc):
   return exc_type is RuntimeError and str(exc) == "Event loop is closed"
 
@@ -209,9 +195,8 @@ def _main_reporting_errors(argv):
   then ends with os._exit: background threads of a failed run (Orbax's asynchronous saves,
   TensorStore, Grain) would otherwise keep printing errors while the interpreter shuts down.
   """
+  # (A library's error record loses its traceback at the default verbosity: the console's handler.)
   if flags.FLAGS.verbosity < 1:
-    for handler in logging_std.root.handlers:
-      handler.addFilter(_LibraryTracebackFilter())
     _hide_closed_event_loop_errors()
   try:
     return main(argv)

@@ -120,46 +120,96 @@ def test_run_summary_table():
   assert none.splitlines() == ["Done: 4 steps in 3s", "  mAP@0.5     no evaluation ran"]
 
 
-def test_tfds_bar_stand_in_counts_into_one_line():
-  out = io.StringIO()
-  prep = progress._Preparation(stream=out, tty=False, clock=lambda: 0.0)
-  old = progress._preparation
-  progress._preparation = prep
+class _Terminal(io.StringIO):
+  def isatty(self):
+    return True
+
+
+def test_builder_progress_lines_and_status_records():
+  """data/report.with_progress: one INFO line per finished split, status records (DEBUG) between."""
+  from mdssd_jax.data import report
+  now = [0.0]
+
+  def examples(n):
+    for i in range(n):
+      now[0] += 0.2        # every example takes 0.2 s
+      yield i
+
+  records = []
+
+  class Keep(logging.Handler):
+    def emit(self, record):
+      records.append((record.name, record.levelno, record.getMessage()))
+
+  keep = Keep(level=logging.DEBUG)
+  root, status = logging.getLogger(), logging.getLogger(report.STATUS_LOGGER)
+  old_levels = root.level, status.level
+  root.addHandler(keep)
+  root.setLevel(logging.DEBUG)
+  status.setLevel(logging.DEBUG)
   try:
-    for _ in console._TfdsBar(range(7), desc="Generating train examples...", unit=" examples"):
-      pass
-    shuffle = console._TfdsBar(range(7), desc="Shuffling /d/x-train.array_record-[0-9]...", unit=" examples")
-    assert shuffle.stage == "shuffling train"
-    list(shuffle)
-    with console._TfdsBar(desc="Generating splits...", unit=" splits") as splits:
-      splits.update(1)
+    counted = report._counted("train", examples(7), clock=lambda: now[0])
+    assert list(counted) == list(range(7))
   finally:
-    progress._preparation = old
-  assert out.getvalue() == "preparing data: generating train: 7 examples in 0s\n"
+    root.removeHandler(keep)
+    root.setLevel(old_levels[0])
+    status.setLevel(old_levels[1])
+  info = [m for name, level, m in records if level == logging.INFO]
+  assert info == ["preparing data: generating train: 7 examples in 1.4s"]
+  # 1.4 s in all, a status record at most every STATUS_EVERY_S (0.5 s): after 3 and 6 examples.
+  statuses = [m for name, level, m in records if name == report.STATUS_LOGGER]
+  assert statuses == ["preparing data: generating train: 3 examples, 0.6s",
+                      "preparing data: generating train: 6 examples, 1.2s"]
 
 
-def test_native_info_lines_dropped_from_a_quiet_import(tmp_path):
-  """A module whose import writes C++-style log lines to file descriptor 2, imported under the hook."""
-  (tmp_path / "noisy_native.py").write_text(textwrap.dedent("""
-      import os
-      os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\\n")
-      os.write(2, b"I0000 00:00:1796138808.813476    4923 port.cc:153] oneDNN custom operations are on.\\n")
-      os.write(2, b"W0000 00:00:1796138808.813476    4923 gpu.cc:1] a real warning\\n")
-      VALUE = 3
-  """))
-  code = textwrap.dedent(f"""
+def test_console_handler_writes_lines_warnings_and_the_status_line():
+  out, err = _Terminal(), io.StringIO()
+  handler = console._ConsoleHandler("mdssd_jax.status", stdout=out, stderr=err)
+  project = os.path.join(ROOT, "mdssd_jax", "data", "registry.py")
+  lib = "/usr/lib/python3.11/site-packages/orbax/checkpoint/async_checkpointer.py"
+  status = logging.LogRecord("mdssd_jax.status", logging.DEBUG, project, 1, "generating: 3", None, None)
+  handler.handle(status)
+  assert out.getvalue() == "\r\033[Kgenerating: 3"
+  handler.handle(_record(project, logging.INFO, "preparing done"))
+  # The status line is erased, the INFO line written bare on stdout.
+  assert out.getvalue() == "\r\033[Kgenerating: 3\r\033[Kpreparing done\n"
+  try:
+    raise OSError("disk full")
+  except OSError:
+    failure = logging.LogRecord("absl", logging.ERROR, lib, 7, "save failed", None, sys.exc_info())
+  handler.handle(failure)
+  # A library's error keeps absl's prefix and its line but not its traceback; stdout is untouched.
+  assert err.getvalue().count("\n") == 1 and "save failed" in err.getvalue()
+  assert "Traceback" not in err.getvalue() and re.match(r"^E\d{4} ", err.getvalue())
+  assert failure.exc_info is not None          # the record itself is left as it was
+  # Off a terminal status records show nothing.
+  plain = io.StringIO()
+  console._ConsoleHandler("mdssd_jax.status", stdout=plain, stderr=err).handle(status)
+  assert plain.getvalue() == ""
+
+
+def test_console_uses_public_switches_only(tmp_path):
+  """configure(0) in a fresh process: no import hooks, TFDS's functions untouched, oneDNN's
+  notice switched off through the environment, TFDS's bars off only while it prepares."""
+  code = textwrap.dedent("""
       import sys
       from mdssd_jax.cli import console
-      hook = console._ImportHook("noisy_native", console._native_stderr_without_info, None)
-      sys.meta_path.insert(0, hook)
-      import noisy_native
-      print(noisy_native.VALUE)
+      console.set_library_environment(["main.py"])
+      console.configure(0)
+      no_hooks = not [f for f in sys.meta_path if type(f).__module__.startswith("mdssd_jax")]
+      import tensorflow_datasets as tfds
+      from tensorflow_datasets.core import utils as tfds_utils
+      from tensorflow_datasets.core import dataset_builder
+      import os
+      print(no_hooks, os.environ["TF_ENABLE_ONEDNN_OPTS"],
+            tfds_utils.tqdm.__module__.startswith("tensorflow_datasets"),
+            dataset_builder.DatasetBuilder._log_download_done.__module__.startswith("tensorflow_datasets"))
   """)
-  # The noisy module's folder on the path through the environment; the checkout is the working folder.
-  run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
-                       env=dict(os.environ, PYTHONPATH=str(tmp_path)))
-  assert run.stdout.strip() == "3"
-  assert run.stderr.splitlines() == ["W0000 00:00:1796138808.813476    4923 gpu.cc:1] a real warning"]
+  env = {k: v for k, v in os.environ.items() if k not in ("TF_ENABLE_ONEDNN_OPTS", "TF_CPP_MIN_LOG_LEVEL")}
+  run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       check=True, env=env, timeout=300)
+  assert run.stdout.split() == ["True", "0", "True", "True"], run.stdout + run.stderr
+  assert "oneDNN" not in run.stderr, run.stderr
 
 
 _ABSL_PREFIX = re.compile(r"^[IWEF]\d{4} [\d:.]+\s+\d+ (\S+?):\d+\]")

@@ -1,51 +1,60 @@
 """The command line's console set-up: verbosity, which library lines reach the terminal, data workers.
 
 What a run shows (its lines, the live progress bar, the closing summary) is report/progress.py; this
-module decides which library output gets through. At the default verbosity (0) the console shows only this project's lines: what is being prepared,
-the progress line, evaluation tables, warnings and errors, and where everything is at the end. The
-INFO chatter of the libraries underneath (Orbax, TFDS, Grain, clu, absl, JAX, matplotlib, and the
-C++ logs of TensorFlow and XLA) is hidden; `-v` / `--verbosity=1` brings it back, `--verbosity=2`
-adds DEBUG records. Warnings and errors always show, except the few library warnings listed in
-`_EXPECTED_LIBRARY_WARNINGS`, which this project causes on purpose.
+module sets up the process so that only those lines, and every warning or error, reach the terminal
+at the default verbosity (0). `-v` / `--verbosity=1` brings back the libraries' INFO lines (Orbax,
+TFDS, Grain, clu, absl, JAX, matplotlib, and the C++ logs of TensorFlow and XLA), `--verbosity=2`
+adds DEBUG records.
 
-How each kind of library line is reached (so that one more library does not need a new rule):
+Only public switches are used:
 
-* Python logging. absl's handler sits on the root logger and every library logs through it: Orbax,
-  TFDS and clu through `absl.logging` (logger "absl"), JAX through "jax._src.*", matplotlib through
-  its own. A filter on that handler passes an INFO record only when the code that logged it lives
-  in this project (`mdssd_jax/`, or the folder of the script being run, main.py's or a benchmark's,
-  outside any site-packages); WARNING and above always pass.
-* C++ logs of TensorFlow (imported by clu and TFDS) and XLA: TF_CPP_MIN_LOG_LEVEL=1 (set by
-  `set_library_environment` before JAX or TensorFlow load) drops most INFO lines. TensorFlow 2.16+
-  still prints its oneDNN notice through absl's C++ logging while it is imported; that import runs
-  with the process's stderr (file descriptor 2) captured, and only the INFO lines are dropped.
-* TFDS's nested tqdm bars ("Generating splits", "Generating train examples", "Shuffling <path>")
-  and its two bold stdout notices: `tensorflow_datasets.core.utils.tqdm` is replaced by one
-  "preparing data" line of this module (TFDS looks that attribute up at every call).
+* Environment variables the libraries read when they load (`set_library_environment`, before JAX
+  or TensorFlow is imported; a value already in the environment is kept): TF_CPP_MIN_LOG_LEVEL=1
+  drops the INFO lines of TensorFlow's and XLA's C++ logs; TF_ENABLE_ONEDNN_OPTS=0 turns off
+  TensorFlow's oneDNN CPU kernels, whose notice TensorFlow prints while it is imported whatever
+  TF_CPP_MIN_LOG_LEVEL says (this project runs no TensorFlow computation while training:
+  TensorFlow serves TFDS, clu's summaries and the export).
+* Python logging, one handler and one filter on the root logger: every library logs through it
+  (Orbax, TFDS and clu through absl's logger, JAX through "jax._src.*", matplotlib through its own).
+  `_LibraryFilter` passes an INFO record only when the code that logged it lives in this project
+  (`mdssd_jax/`, or the folder of the script being run, outside any site-packages), and every
+  warning except the few in `_EXPECTED_LIBRARY_WARNINGS`, which this project causes on purpose.
+  At verbosity 0 `_ConsoleHandler` writes the records through report/progress.py's `say`: INFO as
+  bare lines on stdout, the run's one channel, warnings and errors with absl's prefix on stderr;
+  with -v absl's own handler (stderr, prefixed lines) is back. Per-logger levels: absl's logger
+  follows the verbosity, and data/report.py's live status records (logger STATUS_LOGGER, DEBUG)
+  reach the handler only at verbosity 0, where they redraw one line on a terminal.
+* Python warnings: PYTHONWARNINGS (inherited by helper processes) for the one that multiprocessing's
+  resource tracker prints at exit.
+
+TFDS's progress bars and its two stdout notices are the data layer's business: data/registry.py
+prepares with `tfds.disable_progress_bar()` and says itself what it prepares.
 
     main.py:   console.set_library_environment(sys.argv)   # before `import jax`
                ...  console.configure(FLAGS.verbosity)       # first thing in main()
+
 Data worker processes (Grain's, the generator's pool) are fresh interpreters: the environment
 names `configure_worker` (data/workers.py runs it), so they get the same console without the data
 layer importing this one.
 """
 
-import contextlib
-import importlib.abc
-import importlib.util
 import logging
 import os
 import re
 import sys
-import tempfile
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from mdssd_jax.data import workers
 from mdssd_jax.report import progress
 
+# mdssd_jax.data is imported inside the functions below, not here: a data worker started with
+# multiprocessing's "spawn" runs main.py again, and importing mdssd_jax.data there runs the worker
+# set-up (data/workers.py), which needs this module complete.
+
 # The verbosity of this process (absl's --verbosity after `configure`): 0 quiet, 1 libraries' INFO,
-# 2 and up DEBUG.
-_state: Dict[str, Any] = {"verbosity": 0, "filter": None, "formatter": None, "hooks": []}
+# 2 and up DEBUG; the handler and filter `configure` installed, and the terminal handlers it took
+# off the root logger (verbosity 0) to put back with -v.
+_state: Dict[str, Any] = {"verbosity": 0, "filter": None, "handler": None, "terminal_handlers": [],
+                          "worker_configured": False}
 
 # Library warnings that this project triggers by design and that ask for no action, hidden at
 # verbosity 0: (a substring of the logging file's path, a regex of the message, why).
@@ -56,12 +65,6 @@ _EXPECTED_LIBRARY_WARNINGS: Tuple[Tuple[str, str, str], ...] = (
      "a data set folder that is about to be generated has no dataset_info.json yet"),
 )
 
-# C++ log lines: glog/absl prefix "I0101 12:00:00.000000  1234 file.cc:12]" for INFO, and absl's
-# notice that logging was used before its initialisation (printed once before the first line).
-_NATIVE_INFO_LINE = re.compile(r"^I\d{4} \d\d:\d\d:\d\d")
-_NATIVE_PREINIT_NOTICE = "All log messages before absl::InitializeLog() is called are written to STDERR"
-
-
 _WORKER_VERBOSITY_ENV = "MDSSD_JAX_VERBOSITY"
 
 
@@ -71,7 +74,7 @@ def verbosity() -> int:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Set-up: environment before the libraries load, then logging after flag parsing.
+# Before the libraries load: verbosity from the command line, environment variables.
 # ---------------------------------------------------------------------------------------------------
 
 def verbosity_from_argv(argv: Sequence[str]) -> int:
@@ -112,14 +115,19 @@ def expand_bare_verbose_flag(argv: Sequence[str]) -> List[str]:
 def set_library_environment(argv: Sequence[str]) -> int:
   """Environment variables the libraries read when they load; call before importing jax.
 
-  Sets TF_CPP_MIN_LOG_LEVEL (TensorFlow's and XLA's C++ logs: 1 hides INFO at verbosity 0, 0 shows
-  it with -v) unless the environment already sets it. Returns the verbosity read from argv.
+  TF_CPP_MIN_LOG_LEVEL (TensorFlow's and XLA's C++ logs: 1 hides INFO at verbosity 0, 0 shows it
+  with -v) and TF_ENABLE_ONEDNN_OPTS=0 (see the module's docstring), each unless the environment
+  already sets it; the worker set-up (`configure_worker`) for data worker processes. Returns the
+  verbosity read from argv.
   """
+  from mdssd_jax.data import workers  # pylint: disable=g-import-not-at-top   (see the imports)
   level = verbosity_from_argv(argv)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1" if level <= 0 else "0")
+  # At every verbosity, so that TensorFlow computes the same with and without -v.
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   # Data worker processes start as fresh interpreters: they read the verbosity from here.
   os.environ[_WORKER_VERBOSITY_ENV] = str(level)
-  os.environ[workers.WORKER_INIT_ENV] = f"{__name__}:configure_worker"
+  workers.register_worker_init(f"{__name__}:configure_worker")
   if level <= 0:
     # multiprocessing's resource tracker (its own process, so only the environment reaches it)
     # reports at exit the shared-memory blocks Grain's workers leave to it to free; it frees them.
@@ -133,7 +141,7 @@ def set_library_environment(argv: Sequence[str]) -> int:
 def configure_worker() -> None:
   """In a data worker process (Grain, the generator's pool): the console of the command that started
   it (its verbosity from the environment), set up once. Does nothing outside main.py's commands."""
-  if _state.get("worker_configured"):
+  if _state["worker_configured"]:
     return
   _state["worker_configured"] = True
   level = os.environ.get(_WORKER_VERBOSITY_ENV)
@@ -141,8 +149,12 @@ def configure_worker() -> None:
     configure(int(level))
 
 
+# ---------------------------------------------------------------------------------------------------
+# After flag parsing: logging.
+# ---------------------------------------------------------------------------------------------------
+
 def _project_dirs() -> List[str]:
-  dirs = [os.path.dirname(os.path.abspath(__file__))]
+  dirs = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]   # mdssd_jax/
   main = sys.modules.get("__main__")
   main_file = getattr(main, "__file__", None) or (sys.argv[0] if sys.argv and sys.argv[0] else None)
   if main_file:
@@ -150,16 +162,22 @@ def _project_dirs() -> List[str]:
   return [d + os.sep for d in dirs]
 
 
+def _is_library(pathname: str) -> bool:
+  return "site-packages" in (pathname or "") or "dist-packages" in (pathname or "")
+
+
 class _LibraryFilter(logging.Filter):
-  """Passes WARNING and up, and INFO/DEBUG records logged from this project's files only.
+  """Passes WARNING and up (but the expected library warnings), and INFO/DEBUG records logged from
+  this project's files only; everything from verbosity 1 on.
 
   It also clears a live progress line before a record goes to the same terminal, so that a log
   line never lands in the middle of the bar (the bar redraws at its next update).
   """
 
-  def __init__(self, level: int):
+  def __init__(self, level: int, status_logger: str = ""):
     super().__init__()
     self.level = level
+    self.status_logger = status_logger
     self.project_dirs = _project_dirs()
     self.hidden = 0
 
@@ -168,17 +186,17 @@ class _LibraryFilter(logging.Filter):
     for d in self.project_dirs:
       if path.startswith(d):
         # The script's folder may hold a virtual environment; its packages are libraries.
-        if d != self.project_dirs[0] and ("site-packages" in path or "dist-packages" in path):
+        if d != self.project_dirs[0] and _is_library(path):
           continue
         return True
     return False
 
   def filter(self, record: logging.LogRecord) -> bool:
     keep = self._keep(record)
-    if keep:
-      progress.clear_active_line()
-    else:
+    if not keep:
       self.hidden += 1
+    elif record.name != self.status_logger:
+      progress.clear_active_line()
     return keep
 
   def _keep(self, record: logging.LogRecord) -> bool:
@@ -192,269 +210,112 @@ class _LibraryFilter(logging.Filter):
     return self.is_project(record.pathname)
 
 
-class _PlainInfoFormatter(logging.Formatter):
-  """The project's INFO lines as bare text; warnings and errors keep absl's prefix (file:line)."""
-
-  def __init__(self, fallback: logging.Formatter):
-    super().__init__()
-    self.fallback = fallback
-
-  def format(self, record: logging.LogRecord) -> str:
-    if record.levelno < logging.WARNING:
-      return record.getMessage()
-    return self.fallback.format(record)
-
-
-def _root_handler():
-  """absl's handler on the root logger when absl logging is set up, else the first root handler."""
+def _prefixed_formatter() -> logging.Formatter:
+  """absl's "W1205 12:00:00.000000 1234 file.py:12] message" lines, or the same without absl."""
   try:
     from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
-    handler = absl_logging.get_absl_handler()
-    if handler in logging.root.handlers:
-      return handler
+    return absl_logging.PythonFormatter()
   except ImportError:
-    pass
-  if not logging.root.handlers:
-    logging.basicConfig(format="%(message)s")
-  return logging.root.handlers[0]
+    return logging.Formatter("%(levelname).1s %(filename)s:%(lineno)d] %(message)s")
+
+
+class _ConsoleHandler(logging.Handler):
+  """Verbosity 0: the records `_LibraryFilter` passes, through `progress.say`.
+
+  INFO lines as bare text on stdout (the stream of the run's other lines: piped to a file they
+  keep their order); warnings and errors with absl's prefix (file:line) on stderr, a library's
+  without its traceback (Orbax logs the traceback of a failed asynchronous save each time it is
+  raised; the error reaches main.py's one message, and -v shows every traceback); data/report.py's
+  status records as the one live line on a terminal (`progress.show_status`).
+  """
+
+  def __init__(self, status_logger: str = "", stdout=None, stderr=None):
+    super().__init__()
+    self.status_logger = status_logger
+    # Bound now, as logging.StreamHandler does: the data layer redirects sys.stdout around TFDS's
+    # download_and_prepare (its stdout notices), and the status lines of that time must get through.
+    self.stdout = stdout or sys.stdout
+    self.stderr = stderr or sys.stderr
+    self.prefixed = _prefixed_formatter()
+
+  def emit(self, record: logging.LogRecord) -> None:
+    try:
+      if record.name == self.status_logger:
+        progress.show_status(record.getMessage(), stream=self.stdout)
+      elif record.levelno < logging.WARNING:
+        progress.say(record.getMessage(), stream=self.stdout)
+      else:
+        if record.exc_info and _is_library(record.pathname):
+          record = logging.makeLogRecord(dict(record.__dict__, exc_info=None, exc_text=None))
+        progress.say(self.prefixed.format(record), stream=self.stderr)
+    except Exception:  # pylint: disable=broad-except   logging's own convention
+      self.handleError(record)
+
+
+def _absl_handler() -> Optional[logging.Handler]:
+  try:
+    from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+    return absl_logging.get_absl_handler()
+  except ImportError:
+    return None
 
 
 def configure(level: int) -> None:
   """Sets up the console for verbosity `level` (absl's --verbosity); call first thing in main().
 
-  0: the project's lines (INFO) and every warning/error, plain and short; library INFO hidden.
-  1: also the libraries' INFO lines, with absl's usual prefix (time, thread, file:line).
+  0: the project's lines (INFO) on stdout, every warning/error on stderr, plain and short; library
+     INFO hidden.
+  1: also the libraries' INFO lines, through absl's handler with its usual prefix (time, thread,
+     file:line), on stderr.
   2+: DEBUG records as well.
   Idempotent: a second call replaces the first's set-up.
   """
+  from mdssd_jax.data import report as data_report  # pylint: disable=g-import-not-at-top   (see the imports)
   level = int(level)
   _state["verbosity"] = level
-  handler = _root_handler()
-  old = _state["filter"]
-  if old is not None:
-    handler.removeFilter(old)
-  flt = _LibraryFilter(level)
-  handler.addFilter(flt)
+  root = logging.root
+  for handler in [_state["handler"]] + _state["terminal_handlers"] + root.handlers:
+    if handler is not None and _state["filter"] is not None:
+      handler.removeFilter(_state["filter"])
+  if _state["handler"] is not None:
+    root.removeHandler(_state["handler"])
+    _state["handler"] = None
+  flt = _LibraryFilter(level, data_report.STATUS_LOGGER)
   _state["filter"] = flt
-  # absl maps its verbosity 1 to DEBUG; here 1 means "the libraries' INFO lines too".
-  logging.root.setLevel(logging.INFO if level <= 1 else logging.DEBUG)
-  try:
-    from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
-    if isinstance(handler, absl_logging.ABSLHandler):
-      python_handler = handler.python_handler
-      if _state["formatter"] is None:
-        _state["formatter"] = python_handler.formatter
-      python_handler.setFormatter(_PlainInfoFormatter(_state["formatter"]) if level <= 0
-                                  else _state["formatter"])
-  except ImportError:
-    pass
+  absl_handler = _absl_handler()
   if level <= 0:
-    _install_import_hooks()
+    # The handlers that write to the terminal (absl's, or the plain one that absl.logging or
+    # logging.basicConfig adds to a process without one, as in a data worker) make way for ours;
+    # -v brings them back. Others (a log file, pytest's capture) stay.
+    for handler in list(root.handlers):
+      if handler is absl_handler or (type(handler) is logging.StreamHandler  # pylint: disable=unidiomatic-typecheck
+                                     and handler.stream in (sys.stderr, sys.stdout)):
+        root.removeHandler(handler)
+        _state["terminal_handlers"].append(handler)
+    handler = _ConsoleHandler(data_report.STATUS_LOGGER)
+    handler.addFilter(flt)
+    root.addHandler(handler)
+    _state["handler"] = handler
   else:
-    _remove_import_hooks()
+    for handler in _state["terminal_handlers"]:
+      if handler not in root.handlers:
+        root.addHandler(handler)
+    _state["terminal_handlers"] = []
+    if not root.handlers:
+      logging.basicConfig(format="%(levelname).1s %(filename)s:%(lineno)d] %(message)s")
+    # The filter on absl's handler when absl logging is set up (main.py), else on every handler.
+    for handler in [absl_handler] if absl_handler in root.handlers else root.handlers:
+      handler.addFilter(flt)
+  # absl maps its verbosity 1 to DEBUG; here 1 means "the libraries' INFO lines too".
+  logging_level = logging.INFO if level <= 1 else logging.DEBUG
+  root.setLevel(logging_level)
+  logging.getLogger("absl").setLevel(logging_level)
+  # The live status line (DEBUG records) only where the console handler draws it.
+  logging.getLogger(data_report.STATUS_LOGGER).setLevel(logging.DEBUG if level <= 0
+                                                        else logging.INFO)
 
 
 def hidden_line_count() -> int:
   """How many library records the filter has hidden so far (for tests and the -v hint)."""
   flt = _state["filter"]
   return flt.hidden if flt is not None else 0
-
-
-# ---- quiet imports: TensorFlow's C++ INFO lines and TFDS's progress bars --------------------------
-
-@contextlib.contextmanager
-def _native_stderr_without_info():
-  """Captures file descriptor 2 (C++ writes there directly) and replays all but the INFO lines."""
-  try:
-    sys.stderr.flush()
-    saved = os.dup(2)
-  except (OSError, ValueError, AttributeError):   # no real stderr (some notebooks): nothing to do
-    yield
-    return
-  with tempfile.TemporaryFile(mode="w+b") as capture:
-    os.dup2(capture.fileno(), 2)
-    try:
-      yield
-    finally:
-      try:
-        sys.stderr.flush()
-      except (OSError, ValueError):
-        pass
-      os.dup2(saved, 2)
-      os.close(saved)
-      capture.seek(0)
-      text = capture.read().decode("utf-8", "replace")
-      kept = [line for line in text.splitlines()
-              if line.strip() and not _NATIVE_INFO_LINE.match(line)
-              and _NATIVE_PREINIT_NOTICE not in line]
-      if kept:
-        sys.stderr.write("\n".join(kept) + "\n")
-        sys.stderr.flush()
-
-
-class _WrappedLoader(importlib.abc.Loader):
-  """Runs the real loader's exec_module inside `around` and calls `after(module)` once loaded."""
-
-  def __init__(self, loader, around, after):
-    self._loader = loader
-    self._around = around
-    self._after = after
-
-  def create_module(self, spec):
-    return self._loader.create_module(spec)
-
-  def exec_module(self, module):
-    with self._around():
-      self._loader.exec_module(module)
-    if self._after is not None:
-      self._after(module)
-
-  def __getattr__(self, name):   # get_resource_reader, is_package, ... of the real loader
-    return getattr(self._loader, name)
-
-
-class _ImportHook(importlib.abc.MetaPathFinder):
-  """On the first import of `name`, wraps its loading; removes itself after that one import."""
-
-  def __init__(self, name: str, around: Callable[[], Any], after: Optional[Callable[[Any], None]]):
-    self.name = name
-    self.around = around
-    self.after = after
-
-  def find_spec(self, fullname, path=None, target=None):
-    if fullname != self.name:
-      return None
-    _remove_hook(self)
-    spec = importlib.util.find_spec(fullname)
-    if spec is None or spec.loader is None:
-      return spec
-    spec.loader = _WrappedLoader(spec.loader, self.around, self.after)
-    return spec
-
-
-def _remove_hook(hook):
-  if hook in sys.meta_path:
-    sys.meta_path.remove(hook)
-  if hook in _state["hooks"]:
-    _state["hooks"].remove(hook)
-
-
-def _remove_import_hooks():
-  for hook in list(_state["hooks"]):
-    _remove_hook(hook)
-
-
-def _install_import_hooks():
-  _remove_import_hooks()
-  if "tensorflow" not in sys.modules:
-    hook = _ImportHook("tensorflow", _native_stderr_without_info, None)
-    sys.meta_path.insert(0, hook)
-    _state["hooks"].append(hook)
-  if "tensorflow_datasets" in sys.modules:
-    _quiet_tfds(sys.modules["tensorflow_datasets"])
-  else:
-    hook = _ImportHook("tensorflow_datasets", contextlib.nullcontext, _quiet_tfds)
-    sys.meta_path.insert(0, hook)
-    _state["hooks"].append(hook)
-
-
-def _quiet_tfds(module) -> None:
-  """Routes TFDS's progress bars to one "preparing data" line and drops its two stdout notices."""
-  del module
-  try:
-    from tensorflow_datasets.core import dataset_builder  # pylint: disable=g-import-not-at-top
-    from tensorflow_datasets.core import utils as tfds_utils  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return
-  if getattr(tfds_utils, "_mdssd_quiet", False):
-    return
-  tfds_utils._mdssd_quiet = True  # pylint: disable=protected-access
-  original_tqdm = tfds_utils.tqdm
-  original_async = tfds_utils.async_tqdm
-
-  def tqdm(*args, **kwargs):
-    if verbosity() >= 1:
-      return original_tqdm(*args, **kwargs)
-    return _TfdsBar(*args, **kwargs)
-
-  @contextlib.contextmanager
-  def async_tqdm(*args, **kwargs):
-    if verbosity() >= 1:
-      with original_async(*args, **kwargs) as bar:
-        yield bar
-      return
-    yield _TfdsBar(*args, **kwargs)
-
-  tfds_utils.tqdm = tqdm
-  tfds_utils.async_tqdm = async_tqdm
-  # "Downloading and preparing dataset Unknown size ..." and "... downloaded and prepared to ...":
-  # the project's registry says what it prepares and where; these two go to stdout unconditionally.
-  builder_cls = dataset_builder.DatasetBuilder
-  for name in ("_log_download_bytes", "_log_download_done"):
-    original = getattr(builder_cls, name, None)
-    if original is None:
-      continue
-
-    def quiet(self, _original=original):
-      if verbosity() >= 1:
-        _original(self)
-
-    setattr(builder_cls, name, quiet)
-
-
-class _TfdsBar:
-  """Stands in for one of TFDS's tqdm bars: counts what TFDS iterates and feeds `preparation()`."""
-
-  def __init__(self, iterable=None, desc: str = "", total: Optional[int] = None, unit: str = "",
-               **unused):
-    del unused
-    self._iterable = iterable
-    self.total = total
-    self.n = 0
-    self.stage = _stage_name(desc, unit)
-    self._counts = "examples" in (unit or "") or "examples" in (desc or "")
-    if self._counts:
-      progress.preparation().start_stage(self.stage, total)
-
-  def __iter__(self):
-    if self._iterable is None:
-      return iter(())
-    return self._iterate()
-
-  def _iterate(self):
-    for item in self._iterable:
-      yield item
-      self.update(1)
-    self.close()
-
-  def update(self, n: int = 1):
-    self.n += n
-    if self._counts:
-      progress.preparation().advance(self.stage, self.n, self.total)
-
-  def update_total(self, n: int = 1):
-    self.total = (self.total or 0) + n
-
-  def close(self):
-    if self._counts:
-      progress.preparation().finish_stage(self.stage, self.n)
-      self._counts = False
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.close()
-
-  def __getattr__(self, name):   # set_description, refresh, clear, ...: nothing to do
-    return lambda *args, **kwargs: None
-
-
-def _stage_name(desc: str, unit: str) -> str:
-  desc = (desc or "").strip().rstrip(".").strip()
-  if desc.lower().startswith("shuffling"):
-    # "Shuffling /root/.../name-train.array_record-[0-9]...": the split name is enough.
-    match = re.search(r"-(\w+)\.(array_record|tfrecord)", desc)
-    return "shuffling " + (match.group(1) if match else "examples")
-  desc = desc[0].lower() + desc[1:] if desc else (unit or "").strip()
-  return desc.replace(" examples", "")

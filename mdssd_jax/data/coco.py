@@ -107,7 +107,8 @@ class MdssdCoco(tfds.core.GeneratorBasedBuilder):
     message = missing_files_message(manual_dir)
     if message:
       raise FileNotFoundError(message)
-    return {split: self._generate_examples(manual_dir, split) for split in _SPLITS}
+    return report.with_progress({split: self._generate_examples(manual_dir, split)
+                                 for split in _SPLITS})
 
   def _generate_examples(self, manual_dir, split):
     annotation_file, image_folder = _SPLITS[split]

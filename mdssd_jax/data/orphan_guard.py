@@ -43,8 +43,6 @@ def watch_parent(parent_pid: int) -> bool:
                      daemon=True).start()
   return True
 
-  return True
-
 
 def _watch(parent_pid, direct):
   while (os.getppid() == parent_pid) if direct else pid_alive(parent_pid):
@@ -55,5 +53,3 @@ def _watch(parent_pid, direct):
 def worker_init_fn(parent_pid: int, unused_worker_index: int = 0, unused_worker_count: int = 0):
   """For Grain's mp_prefetch(worker_init_fn=functools.partial(worker_init_fn, os.getpid()))."""
   watch_parent(parent_pid)
-  from mdssd_jax.data import workers  # pylint: disable=g-import-not-at-top
-  workers.run_worker_init()   # the same quiet console as the command that started the worker

@@ -20,7 +20,6 @@ from mdssd_jax.core import images
 from mdssd_jax.data import augment
 from mdssd_jax.data import orphan_guard
 from mdssd_jax.data import registry
-from mdssd_jax.data import workers
 
 # The counters each example carries (as `_stats`) and PipelineStats sums, in this order.
 STAT_NAMES = ("corrupt_images", "boxes_clipped", "degenerate_dropped", "boxes_truncated")
@@ -142,10 +141,8 @@ class _DecodeTrain(grain.transforms.Map):
     self._parent_pid = os.getpid()   # the process that builds the pipeline
 
   def map(self, element):
-    # In a Grain worker process: end with the trainer, even when it is killed with kill -9, and
-    # log as quietly as the command that started it.
-    if orphan_guard.watch_parent(self._parent_pid):
-      workers.run_worker_init()
+    # In a Grain worker process: end with the trainer, even when it is killed with kill -9.
+    orphan_guard.watch_parent(self._parent_pid)
     index, record = element["index"], element["record"]
     image = images.decode_image(record["image"])
     if image is None:

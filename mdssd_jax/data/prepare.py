@@ -4,7 +4,6 @@ VOC, COCO and TT100K are built from the official files in config.data.manual_dir
 <data_dir>/downloads/manual); the synthetic set is generated. Nothing is downloaded.
 """
 
-import logging
 import os
 
 from mdssd_jax.data import registry
@@ -39,6 +38,6 @@ def prepare(config):
       details = report.summary(part_report)
       message += (f"\n{details}\n  (details in {os.path.join(builder.data_path, report.REPORT_FILE)})"
                   if details else "; nothing repaired or skipped")
-    logging.info(message)
+    # On stdout, where main.py's console writes the run's other lines (flushed: in order).
     print(message, flush=True)
   return summary

@@ -8,6 +8,7 @@ import bisect
 import contextlib
 import dataclasses
 import fcntl
+import io
 import logging
 import os
 import shutil
@@ -237,6 +238,25 @@ def _remove_stale_incomplete(builder):
   return stale
 
 
+@contextlib.contextmanager
+def _without_tfds_display():
+  """TFDS's own display while it prepares: its progress bars off (`tfds.disable_progress_bar()`,
+  the builders say how far they are through report.with_progress) and its two notices, which it
+  print()s to stdout unconditionally ("Downloading and preparing dataset ...", "Dataset ...
+  downloaded and prepared to ..."), kept off stdout: `prepare_part` says what it prepares and where.
+  They are logged at DEBUG (shown with --verbosity=2). TFDS's default, bars on, is back afterwards.
+  """
+  tfds.disable_progress_bar()
+  notices = io.StringIO()
+  try:
+    with contextlib.redirect_stdout(notices):
+      yield
+  finally:
+    tfds.enable_progress_bar()
+    if notices.getvalue().strip():
+      logging.debug("TFDS: %s", notices.getvalue().strip())
+
+
 def prepare_part(part, data_dir, manual_dir, bad_annotations="error"):
   """Builds one part in array_record format (a no-op when it is prepared); returns the builder.
 
@@ -259,8 +279,9 @@ def prepare_part(part, data_dir, manual_dir, bad_annotations="error"):
     logging.info("preparing %s in %s", part.tfds_name, builder.data_dir)
     builder.prepare_report = report.PrepareReport(bad_annotations)
     try:
-      builder.download_and_prepare(
-          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir or None))
+      with _without_tfds_display():
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir or None))
     except Exception:
       # Without the lock, another process may have prepared the same data concurrently.
       if not builder.is_prepared():

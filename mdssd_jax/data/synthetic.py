@@ -18,6 +18,7 @@ import tensorflow_datasets as tfds
 
 from mdssd_jax.data import features
 from mdssd_jax.data import orphan_guard
+from mdssd_jax.data import report
 
 # Shapes that carry a class label, in label order (label 1 = the first). They differ in outline,
 # not in colour, so a detector must see the shape: at a few pixels that needs resolution.
@@ -299,8 +300,8 @@ class SyntheticSmallObjects(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download
     spec = self.builder_config.spec
-    return {"train": self._generate_examples("train", spec.num_train),
-            "test": self._generate_examples("test", spec.num_test)}
+    return report.with_progress({"train": self._generate_examples("train", spec.num_train),
+                                 "test": self._generate_examples("test", spec.num_test)})
 
   def _generate_examples(self, split, count):
     spec = self.builder_config.spec

@@ -106,7 +106,8 @@ class Tt100k(tfds.core.GeneratorBasedBuilder):
     root = find_root(manual_dir)
     with open(os.path.join(root, ANNOTATIONS_FILE)) as f:
       annotations = json.load(f)
-    return {split: self._generate_examples(root, annotations, split) for split in SPLITS}
+    return report.with_progress({split: self._generate_examples(root, annotations, split)
+                                 for split in SPLITS})
 
   def _generate_examples(self, root, annotations, split):
     label_of = {name: i for i, name in enumerate(self.builder_config.classes)}

@@ -283,7 +283,8 @@ class MdssdVoc(tfds.core.GeneratorBasedBuilder):
     message = missing_files_message(manual_dir, year)
     if message:
       raise FileNotFoundError(message)
-    return {split: self._generate_examples(manual_dir, split) for split in _year_splits(year)}
+    return report.with_progress({split: self._generate_examples(manual_dir, split)
+                                 for split in _year_splits(year)})
 
   def _generate_examples(self, manual_dir, split):
     year = self.builder_config.year

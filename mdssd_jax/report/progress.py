@@ -1,10 +1,10 @@
 """What a run shows: the project's own lines, one live progress line, and a closing summary.
 
-`say` prints the project's lines on stdout (flushed, so that piped output keeps its order) without
-breaking a live bar; `Progress` is the training bar; `preparation()` the one "preparing data" line;
-`run_summary` the closing table. Setting up the process (verbosity, library log filtering, data
-workers) is the command line's job: mdssd_jax/cli/console.py, which clears the live bar through
-`clear_active_line` before a log record reaches the terminal.
+`say` is the one writer of the run's lines: stdout, flushed (so that piped output keeps its order),
+without breaking a live bar; `Progress` is the training bar; `show_status` one live status line on
+a terminal (data preparation's); `run_summary` the closing table. Setting up the process
+(verbosity, which library lines get through, data workers) is the command line's job:
+mdssd_jax/cli/console.py, whose logging handler writes the project's log lines through `say`.
 
     training:  progress = progress_lib.Progress(total_steps, start_step=step, log_every_steps=...)
                progress.update(step, loss=...); progress.close()
@@ -17,19 +17,22 @@ import threading
 import time
 from typing import Any, Callable, Dict, IO, Mapping, Optional, Tuple
 
-# The live bar, if any (at most one per process).
+# The live line, if any (at most one per process): a Progress bar or a _StatusLine.
 _ACTIVE: Dict[str, Any] = {"bar": None}
 
 
 def clear_active_line() -> None:
-  """Clears the live progress line (if any) so that another line can be written to the terminal."""
+  """Clears the live line (the progress bar or a status line, if any) so that another line can be
+  written to the terminal; the bar redraws at its next update, a status line is gone."""
   active = _ACTIVE["bar"]
   if active is not None:
     active.clear_line()
+    if isinstance(active, _StatusLine):
+      _ACTIVE["bar"] = None
 
 
 # ---------------------------------------------------------------------------------------------------
-# Output: lines, the progress bar, data preparation.
+# Output: lines, the progress bar, a status line.
 # ---------------------------------------------------------------------------------------------------
 
 def _is_tty(stream) -> bool:
@@ -42,9 +45,7 @@ def _is_tty(stream) -> bool:
 def say(*lines: str, stream: Optional[IO[str]] = None) -> None:
   """Prints the project's own lines (tables, the summary) on stdout without breaking a live bar."""
   stream = stream or sys.stdout
-  active = _ACTIVE["bar"]
-  if active is not None:
-    active.clear_line()
+  clear_active_line()
   stream.write("\n".join(str(line) for line in lines) + "\n")
   stream.flush()
 
@@ -170,9 +171,10 @@ class Progress:
         self.stream.flush()
 
   def clear_line(self) -> None:
-    """Erases the partial bar line (before other output); the next update redraws it."""
+    """Erases the partial bar line (before other output); the next update redraws it. The last
+    step's bar has no next update: its line is ended instead, so that the final state stays."""
     if self.tty and self._drawn:
-      self.stream.write("\r\033[K")
+      self.stream.write("\n" if self.step >= self.total_steps else "\r\033[K")
       self.stream.flush()
       self._drawn = False
       self._last_draw = -float("inf")
@@ -194,69 +196,40 @@ class Progress:
     self.close()
 
 
-class _Preparation:
-  """The one "preparing data" line behind TFDS's bars (see `_TfdsBar`).
+class _StatusLine:
+  """The one live status line of `show_status` (e.g. "preparing data: generating train: 1200
+  examples, 12s"), erased by the next line written through `say`."""
 
-  Terminal: "preparing data: generating train 1200/4000  12s", redrawn. Elsewhere: one line per
-  finished stage ("preparing data: generating train: 4000 examples in 31s").
-  """
-
-  def __init__(self, stream: Optional[IO[str]] = None, tty: Optional[bool] = None,
-               clock: Callable[[], float] = time.monotonic, min_redraw_interval_s: float = 0.2):
+  def __init__(self, stream: IO[str]):
     self.stream = stream
-    self.tty = tty
-    self.clock = clock
-    self.min_redraw_interval_s = min_redraw_interval_s
-    self._start: Dict[str, float] = {}
-    self._last_draw = -float("inf")
-    self._drawn = False
+    self.drawn = False
 
-  def _out(self):
-    return self.stream or sys.stdout
+  def draw(self, text: str) -> None:
+    columns = shutil.get_terminal_size((100, 20)).columns
+    self.stream.write("\r\033[K" + text[:max(20, columns - 1)])
+    self.stream.flush()
+    self.drawn = True
 
-  def _is_tty(self):
-    return _is_tty(self._out()) if self.tty is None else self.tty
-
-  def start_stage(self, stage: str, total: Optional[int]) -> None:
-    self._start[stage] = self.clock()
-    self.advance(stage, 0, total, force=True)
-
-  def advance(self, stage: str, count: int, total: Optional[int], force: bool = False) -> None:
-    if not self._is_tty():
-      return
-    now = self.clock()
-    if not force and now - self._last_draw < self.min_redraw_interval_s:
-      return
-    elapsed = now - self._start.get(stage, now)
-    amount = f"{count}/{total}" if total else f"{count}"
-    out = self._out()
-    out.write(f"\r\033[Kpreparing data: {stage} {amount} examples  {format_duration(elapsed)}")
-    out.flush()
-    self._drawn = True
-    self._last_draw = now
-
-  def finish_stage(self, stage: str, count: int) -> None:
-    elapsed = self.clock() - self._start.pop(stage, self.clock())
-    out = self._out()
-    if self._is_tty():
-      # Stages follow each other quickly: redraw in place, keep only the last on screen.
-      out.write(f"\r\033[Kpreparing data: {stage}: {count} examples in {format_duration(elapsed)}")
-      self._drawn = True
-      if not self._start:
-        out.write("\n")
-        self._drawn = False
-    elif not stage.startswith("shuffling"):
-      # Off a terminal one line per generated split; shuffling follows at once and adds nothing.
-      out.write(f"preparing data: {stage}: {count} examples in {format_duration(elapsed)}\n")
-    out.flush()
+  def clear_line(self) -> None:
+    if self.drawn:
+      self.stream.write("\r\033[K")
+      self.stream.flush()
+      self.drawn = False
 
 
-_preparation = _Preparation()
-
-
-def preparation() -> _Preparation:
-  """The process's "preparing data" line (used by the TFDS bar replacement)."""
-  return _preparation
+def show_status(text: str, stream: Optional[IO[str]] = None) -> None:
+  """On a terminal: `text` as the live line, redrawn in place until `say` writes the next line;
+  elsewhere (a pipe, a file) nothing, since the final line says it all. The training bar, while it
+  runs, keeps the line for itself."""
+  stream = stream or sys.stdout
+  active = _ACTIVE["bar"]
+  if isinstance(active, Progress) or not _is_tty(stream):
+    return
+  if not isinstance(active, _StatusLine) or active.stream is not stream:
+    if active is not None:
+      active.clear_line()
+    active = _ACTIVE["bar"] = _StatusLine(stream)
+  active.draw(text)
 
 
 # ---------------------------------------------------------------------------------------------------
