@@ -4,6 +4,8 @@
     python -m benchmarks.study_small_objects --table          # docs/study.md tables + plot from the JSON
     python -m benchmarks.study_small_objects --ablation       # the branch ablation alone
     python -m benchmarks.study_small_objects --quick --out=/tmp/q/study.json --workdir=/tmp/q
+    python -m benchmarks.study_small_objects --settled --workers=2   # the settled study (resumable)
+    python -m benchmarks.study_small_objects --settled --table       # its tables + plot
 
 (from the repository root). Every detector is the CPU demo's (configs/demo_synthetic.py: VGG16
 trunk with batch norm, 192 px input) on the generated small-object data, trained with the same
@@ -18,6 +20,9 @@ optimiser, schedule, data and seeds; only the part after the trunk differs:
                      its batch norm: config.model.fusion_batch_norm=False).
   mdssd_bn           MDSSD with batch norm after every conv and deconv of the Fusion Block, as
                      DSSD's deconvolution module (fusion_batch_norm=True).
+  mdssd_bn_shallow   mdssd_bn's Fusion Blocks without their deep (deconvolution) branch
+                     (config.model.fusion_deep_branch=False): the train-time control that separates
+                     the deep map's semantics from a deeper fine head.
   mdssd_bn_bilinear  mdssd_bn whose deconvs start as interpolating upsamplers
                      (fusion_deconv_init="bilinear", FCN's and DSSD's start). Not in the full
                      study's plan (it does not fit its two hours); --variants=... adds it.
@@ -37,6 +42,13 @@ at most the steps since each run's last checkpoint).
 The study ends with a test-time ablation of every finished MDSSD run (`branch_ablation`: the deep
 or the shallow branch of every Fusion Block switched off; --ablation runs it alone).
 --table rebuilds the markdown tables and the learning-curve plot from the JSON alone.
+
+The settled study (--settled, results in benchmarks/results/study_settled.json) gives every variant
+its own learning rate: each is trained on the first seed at every rate of SETTLED.lrs, the rate
+with the best validation mAP@0.5 on 200 generated training images held out of training is chosen,
+and the other seeds train at it. Its tables add the sweep, the chosen rate, how much test mAP still
+moved over the last quarter of the steps, and the three comparisons of COMPARISONS with their sizes
+against the seeds' spread.
 """
 
 import argparse
@@ -55,6 +67,7 @@ DEFAULT_OUT = os.path.join("benchmarks", "results", "study_small_objects.json")
 DEFAULT_PLOT = os.path.join("benchmarks", "study_small_objects.png")
 DEFAULT_WORKDIR = "/tmp/study_small_objects"
 EVALUATOR = "voc"
+VAL_EVALUATOR = "val"   # the held-out training images of the settled study
 # The size buckets the study reports (names of config.eval.size_buckets_px).
 BUCKETS = ("tiny", "small", "medium")
 
@@ -65,11 +78,16 @@ VARIANTS = {
     "mdssd": ("mdssd", dict(fusion_batch_norm=False, fusion_deconv_init="xavier")),
     "mdssd_bn": ("mdssd", dict(fusion_batch_norm=True, fusion_deconv_init="xavier")),
     "mdssd_bn_bilinear": ("mdssd", dict(fusion_batch_norm=True, fusion_deconv_init="bilinear")),
+    # The train-time control: mdssd_bn's Fusion Blocks without their deep (deconvolution) branch,
+    # the same shallow path, heads and default boxes. mdssd_bn against it isolates the deep map's
+    # semantics; it against ssd_fine, the deeper fine head (two conv + BN layers more).
+    "mdssd_bn_shallow": ("mdssd", dict(fusion_batch_norm=True, fusion_deconv_init="xavier",
+                                       fusion_deep_branch=False)),
 }
 # The trained-trunk regime compares the detectors that share heads and default boxes; the trunk
 # comes from this variant's scratch run of the same seed.
 TRUNK_SOURCE = "ssd"
-TRAINED_TRUNK_VARIANTS = ("ssd_fine", "mdssd", "mdssd_bn", "mdssd_bn_bilinear")
+TRAINED_TRUNK_VARIANTS = ("ssd_fine", "mdssd", "mdssd_bn", "mdssd_bn_bilinear", "mdssd_bn_shallow")
 TRUNK_PARAMS = "vgg"   # the VGG16 trunk's name in the params and batch_stats trees
 
 
@@ -87,27 +105,54 @@ class Budget:
   variants: tuple = tuple(VARIANTS)
   trained_trunk_variants: tuple = TRAINED_TRUNK_VARIANTS
   data: tuple = ("shape",)        # "shape": colour_by_class=False; "colour": the demo's hues
+  # The settled study (--settled): each variant at its own learning rate. `lrs` are swept on the
+  # first seed, the rate with the best validation mAP@0.5 is chosen per variant, and the other
+  # seeds train at it. () = every run at the recipe's rate (the first study).
+  lrs: tuple = ()
+  # Images held out of the num_train generated training images as the validation split the rate
+  # is chosen on ("train[N-val:]"; the runs train on "train[:N-val]"); 0 = none.
+  val_images: int = 0
 
 
 SIZE_KEYS = ("steps", "trained_trunk_steps", "eval_every_steps", "width_multiplier", "num_train", "num_test", "batch_size")
+# Keys of the settled study's budget, in its results file only (the first study's file predates them).
+SETTLED_KEYS = ("lrs", "val_images")
+# The validation metric a variant's learning rate is chosen on: mAP@0.5 over all sizes, so that the
+# choice does not look at the tiny-object AP the verdict compares.
+SELECT_ON = "all"
 
 # 12 scratch runs of 600 steps and 9 trained-trunk runs of 300 (docs/study.md, "The small-object study").
 FULL = Budget(steps=600, trained_trunk_steps=300, eval_every_steps=100, seeds=(0, 1, 2),
               width_multiplier=1 / 8, num_train=4000, num_test=200, batch_size=8,
               variants=("ssd", "ssd_fine", "mdssd", "mdssd_bn"),
               trained_trunk_variants=("ssd_fine", "mdssd", "mdssd_bn"))
+# The settled study (docs/study.md, "The settled study"): four variants, four rates swept on seed 0
+# and chosen on 200 held-out training images, seeds 1 and 2 at each variant's rate; 24 runs of 600
+# steps, each evaluated on the validation and the test split every 100 steps.
+SETTLED = Budget(steps=600, trained_trunk_steps=0, eval_every_steps=100, seeds=(0, 1, 2),
+                 width_multiplier=1 / 8, num_train=4000, num_test=200, batch_size=8,
+                 variants=("ssd_fine", "mdssd_bn", "mdssd_bn_shallow", "ssd"),
+                 trained_trunk_variants=(), lrs=(2e-3, 4e-3, 6e-3, 1e-2), val_images=200)
+SETTLED_OUT = os.path.join("benchmarks", "results", "study_settled.json")
+SETTLED_PLOT = os.path.join("benchmarks", "study_settled.png")
 # The whole machinery at toy size (tests/test_study.py): a narrow model, a handful of steps.
 QUICK = Budget(steps=4, trained_trunk_steps=4, eval_every_steps=2, seeds=(0,), width_multiplier=1 / 32, num_train=16,
                num_test=4, batch_size=2)
+QUICK_SETTLED = dataclasses.replace(QUICK, seeds=(0, 1), trained_trunk_steps=0, trained_trunk_variants=(),
+                                    variants=("ssd_fine", "mdssd_bn_shallow"), lrs=(2e-3, 1e-2),
+                                    val_images=4)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Configs.
 # ---------------------------------------------------------------------------------------------------
 
-def variant_config(variant, data, budget, seed, data_dir="", init="scratch"):
+def variant_config(variant, data, budget, seed, data_dir="", init="scratch", lr=None):
   """The demo config turned into `variant` on `data` ("shape" | "colour") at `budget`, seed `seed`,
-  trained for the steps of regime `init` (data_dir: the generated data's TFDS folder, "" = default)."""
+  trained for the steps of regime `init` (data_dir: the generated data's TFDS folder, "" = default)
+  at base learning rate `lr` (None: the recipe's). With budget.val_images, the runs train on the
+  first num_train - val_images generated training images and are also evaluated on the rest
+  (evaluator VAL_EVALUATOR)."""
   from configs import common  # pylint: disable=g-import-not-at-top
   from configs import demo_synthetic  # pylint: disable=g-import-not-at-top
   if variant not in VARIANTS:
@@ -137,6 +182,16 @@ def variant_config(variant, data, budget, seed, data_dir="", init="scratch"):
                                 num_pictures=0)
   c.eval.batch_size = min(25, budget.num_test)
   c.data.num_workers = 0 if budget.num_train < 100 else 1
+  if lr is not None:
+    c.train.base_lr = float(lr)
+  if budget.val_images:
+    kept = budget.num_train - budget.val_images
+    if kept < budget.batch_size:
+      raise ValueError(f"val_images={budget.val_images} leaves {kept} of num_train={budget.num_train} "
+                       "images to train on")
+    c.data.train_split = f"train[:{kept}]"
+    c.evals[VAL_EVALUATOR] = common.voc_eval(use_07_metric=False, split=f"train[{kept}:]",
+                                             every_steps=budget.eval_every_steps, num_pictures=0)
 
   family, overrides = VARIANTS[variant]
   for key, value in overrides.items():
@@ -186,8 +241,8 @@ def model_cost(config):
 # One run.
 # ---------------------------------------------------------------------------------------------------
 
-def run_name(variant, data, init, seed):
-  return f"{data}_{init}_{variant}_seed{seed}"
+def run_name(variant, data, init, seed, lr=None):
+  return f"{data}_{init}_{variant}" + (f"_lr{lr:g}" if lr is not None else "") + f"_seed{seed}"
 
 
 def latest_step(workdir):
@@ -223,7 +278,7 @@ def seed_trained_trunk(config, workdir, source_config, source_workdir):
     manager.close()
 
 
-def read_curve(workdir):
+def read_curve(workdir, evaluator=EVALUATOR):
   """[{"step", "all", "tiny", "small", "medium"}] of the run's evaluations during training."""
   from mdssd_jax.report import history  # pylint: disable=g-import-not-at-top
   by_step = {}
@@ -232,7 +287,7 @@ def read_curve(workdir):
     with open(path) as f:
       for line in f:
         r = json.loads(line)
-        if r.get("evaluator") == EVALUATOR and r.get("mode") == "train":
+        if r.get("evaluator") == evaluator and r.get("mode") == "train":
           by_step[int(r["step"])] = r     # the last line of a step wins
   return [dict(step=s, all=_ap(r["mAP"]),
                **{b: _ap(r.get(f"AP_size/{b}", float("nan"))) for b in BUCKETS})
@@ -313,20 +368,27 @@ def run_ablations(out, workdir, data_dir=""):
   if not results["runs"]:
     return results
   _use_compile_cache(workdir)
-  budget = Budget(**results["budget"], seeds=())
+  budget = Budget(**{k: tuple(v) if isinstance(v, list) else v
+                      for k, v in results["budget"].items()}, seeds=())
   have = {(a["variant"], a["data"], a["init"], a["seed"]) for a in results.get("ablation", [])}
   new = []
   for r in results["runs"]:
     key = (r["variant"], r["data"], r["init"], r["seed"])
-    if r["family"] != "mdssd" or key in have:
-      continue
-    run_dir = os.path.join(workdir, run_name(*key))
+    if (r["family"] != "mdssd" or key in have
+        or VARIANTS[r["variant"]][1].get("fusion_deep_branch", True) is False):
+      continue     # (a block without its deep branch has no branch to switch off)
+    if r.get("lr") is not None and r["lr"] != chosen_lr(results["runs"], r["variant"], r["data"],
+                                                        tuple(float(x) for x in budget.lrs),
+                                                        min(x["seed"] for x in results["runs"])):
+      continue     # a swept rate that was not chosen
+    name = run_name(*run_key(r))
+    run_dir = os.path.join(workdir, name)
     if latest_step(run_dir) != r["steps"]:
-      print(f"== no branch ablation of {run_name(*key)}: its final checkpoint is not in {run_dir}",
-            flush=True)
+      print(f"== no branch ablation of {name}: its final checkpoint is not in {run_dir}", flush=True)
       continue
-    print(f"== branch ablation of {run_name(*key)}", flush=True)
-    config = variant_config(r["variant"], r["data"], budget, r["seed"], data_dir, r["init"])
+    print(f"== branch ablation of {name}", flush=True)
+    config = variant_config(r["variant"], r["data"], budget, r["seed"], data_dir, r["init"],
+                            r.get("lr"))
     new.append(dict(variant=r["variant"], seed=r["seed"], data=r["data"], init=r["init"],
                     **branch_ablation(config, run_dir)))
   if new:
@@ -383,15 +445,45 @@ def save_results(path, results):
   os.replace(tmp, path)   # atomic: a kill never leaves half a file
 
 
-def planned_runs(budget):
-  """(variant, data, init, seed) in the order they run: seed by seed, so that a partial study
-  already compares every variant; a trained-trunk run after its seed's `ssd` run."""
+def run_key(run):
+  """(variant, data, init, seed, lr) of a results entry; lr None for a run at the recipe's rate."""
+  return (run["variant"], run["data"], run["init"], run["seed"], run.get("lr"))
+
+
+def chosen_lr(runs, variant, data, lrs, seed):
+  """The learning rate of `lrs` whose `seed` run of `variant` on `data` (from scratch) has the best
+  validation mAP@0.5 (SELECT_ON; a tie goes to the smaller rate); None until all of them finished."""
+  val = {r["lr"]: r["val"][SELECT_ON] for r in runs
+         if (r["variant"], r["data"], r["init"], r["seed"]) == (variant, data, "scratch", seed)
+         and r.get("lr") in lrs}
+  if set(val) != set(lrs):
+    return None
+  return max(sorted(lrs), key=lambda lr: -math.inf if val[lr] is None else val[lr])
+
+
+def planned_runs(budget, runs=()):
+  """(variant, data, init, seed, lr) in the order they run, as far as `runs` (the finished ones)
+  tell it.
+
+  At the recipe's rate (no budget.lrs): seed by seed, so that a partial study already compares every
+  variant; a trained-trunk run after its seed's `ssd` run. With budget.lrs: variant by variant, the
+  first seed at every rate, then the other seeds at the rate `chosen_lr` picks, which is known once
+  the variant's sweep has finished (a partial study then holds whole variants).
+  """
   plan = []
   for data in budget.data:
+    if budget.lrs:
+      first, others = budget.seeds[0], budget.seeds[1:]
+      for v in budget.variants:
+        plan += [(v, data, "scratch", first, float(lr)) for lr in budget.lrs]
+        lr = chosen_lr(runs, v, data, tuple(float(x) for x in budget.lrs), first)
+        if lr is not None:
+          plan += [(v, data, "scratch", seed, lr) for seed in others]
+      continue
     for seed in budget.seeds:
-      plan += [(v, data, "scratch", seed) for v in budget.variants]
+      plan += [(v, data, "scratch", seed, None) for v in budget.variants]
       if TRUNK_SOURCE in budget.variants:
-        plan += [(v, data, "trained_trunk", seed) for v in budget.trained_trunk_variants]
+        plan += [(v, data, "trained_trunk", seed, None) for v in budget.trained_trunk_variants]
   return plan
 
 
@@ -407,17 +499,22 @@ def run_study(budget, out, workdir, data_dir="", workers=1):
   once its trunk's source run has finished.
   """
   results = load_results(out)
+  if budget.lrs and budget.trained_trunk_variants:
+    raise ValueError("a learning-rate sweep (budget.lrs) trains from scratch only: set "
+                     "trained_trunk_variants=()")
   this_recipe = recipe(variant_config("ssd", budget.data[0], budget, 0))
   # What makes runs comparable; which variants, seeds and data a sitting runs may grow.
   this_budget = {k: getattr(budget, k) for k in SIZE_KEYS}
+  this_budget.update({k: list(getattr(budget, k)) if isinstance(getattr(budget, k), tuple)
+                      else getattr(budget, k) for k in SETTLED_KEYS if getattr(budget, k)})
   for key, value in (("recipe", this_recipe), ("budget", this_budget)):
     if results[key] not in (None, value):
       raise ValueError(f"{out} holds runs of another {key} ({results[key]}) than this study's "
                        f"({value}): pass another --out, or move the file away to start afresh")
     results[key] = value
   save_results(out, results)
-  done = {(r["variant"], r["data"], r["init"], r["seed"]) for r in results["runs"]}
-  pending = [key for key in planned_runs(budget) if key not in done]
+  done = {run_key(r) for r in results["runs"]}
+  pending = [key for key in planned_runs(budget, results["runs"]) if key not in done]
   running = {}     # run key -> (child process, its output file or None, its core or None)
   costs = {}
   failed = []
@@ -436,8 +533,8 @@ def run_study(budget, out, workdir, data_dir="", workers=1):
       for key in list(pending):
         if len(running) >= workers or _Stop.requested or failed:
           break
-        variant, data, init, seed = key
-        source = (TRUNK_SOURCE, data, "scratch", seed)
+        variant, data, init, seed, _ = key
+        source = (TRUNK_SOURCE, data, "scratch", seed, None)
         if init == "trained_trunk" and source not in done:
           if source not in pending and source not in running:
             raise RuntimeError(f"{run_name(*key)} needs the finished {run_name(*source)} run")
@@ -460,6 +557,9 @@ def run_study(budget, out, workdir, data_dir="", workers=1):
           _record(results, key, budget, run_dir, data_dir, costs)
           save_results(out, results)
           done.add(key)
+          # A finished sweep tells the rate of its variant's other seeds.
+          pending += [k for k in planned_runs(budget, results["runs"])
+                      if k not in done and k not in running and k not in pending]
         elif code == _EXIT_STOPPED or (_Stop.requested and code == -signal.SIGTERM):
           _Stop.requested = True   # (a child still starting up dies of the SIGTERM itself)
           print(f"stopped in {run_name(*key)} at step {latest_step(run_dir)}; rerun the same command "
@@ -486,7 +586,8 @@ def _start_run(key, budget, workdir, data_dir, cpu, log):
   cmd = [sys.executable, "-m", "benchmarks.study_small_objects", f"--one_run={json.dumps(spec)}"]
   output = open(os.path.join(run_dir, "study_output.txt"), "a") if log else None
   steps = budget.trained_trunk_steps if key[2] == "trained_trunk" else budget.steps
-  print(f"== {name} ({steps} steps) in {run_dir}" + (f", output in {output.name}" if log else ""),
+  print(f"== {name} ({steps} steps" + (f", lr {key[4]:g}" if key[4] is not None else "")
+        + f") in {run_dir}" + (f", output in {output.name}" if log else ""),
         flush=True)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.Popen(cmd, cwd=root, stdout=output, stderr=subprocess.STDOUT if log else None)
@@ -510,9 +611,9 @@ def one_run(spec):
   workdir, data_dir = spec["workdir"], spec["data_dir"]
   _use_compile_cache(workdir)
   budget = Budget(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["budget"].items()})
-  variant, data, init, seed = spec["key"]
-  config = variant_config(variant, data, budget, seed, data_dir, init)
-  run_dir = os.path.join(workdir, run_name(variant, data, init, seed))
+  variant, data, init, seed, lr = spec["key"]
+  config = variant_config(variant, data, budget, seed, data_dir, init, lr)
+  run_dir = os.path.join(workdir, run_name(variant, data, init, seed, lr))
   if init == "trained_trunk" and latest_step(run_dir) is None:
     seed_trained_trunk(config, run_dir, variant_config(TRUNK_SOURCE, data, budget, seed, data_dir),
                        os.path.join(workdir, run_name(TRUNK_SOURCE, data, "scratch", seed)))
@@ -520,9 +621,10 @@ def one_run(spec):
 
 
 def _record(results, key, budget, run_dir, data_dir, costs):
-  """Appends the finished run `key` (its curve, wall time and the variant's cost) to `results`."""
-  variant, data, init, seed = key
-  config = variant_config(variant, data, budget, seed, data_dir, init)
+  """Appends the finished run `key` (its curve, wall time and the variant's cost; with a validation
+  split its validation AP and curve too) to `results`."""
+  variant, data, init, seed, lr = key
+  config = variant_config(variant, data, budget, seed, data_dir, init, lr)
   steps = config.train.num_steps
   if variant not in costs:
     costs[variant] = model_cost(config)
@@ -532,12 +634,23 @@ def _record(results, key, budget, run_dir, data_dir, costs):
     raise RuntimeError(f"{run_dir} has no evaluation at step {steps}")
   with open(os.path.join(run_dir, "study_wall_s.json")) as f:
     wall_s = json.load(f)["wall_s"]
-  results["runs"].append(dict(
+  run = dict(
       variant=variant, family=VARIANTS[variant][0], seed=seed, data=data, init=init,
       steps=steps, wall_s=round(wall_s, 1), params=costs[variant][0],
       gflops=round(costs[variant][1], 4), ap={k: last[k] for k in ("all",) + BUCKETS},
-      curve=[{"step": p["step"], "all": p["all"], "tiny": p["tiny"]} for p in curve]))
-  print(f"== {run_name(*key)}: mAP {last['all']:.3f}, tiny AP {last['tiny']:.3f}, "
+      curve=[{"step": p["step"], "all": p["all"], "tiny": p["tiny"]} for p in curve])
+  if lr is not None:
+    run["lr"] = lr
+  val_text = ""
+  if budget.val_images:
+    val_curve = read_curve(run_dir, VAL_EVALUATOR)
+    if not val_curve or val_curve[-1]["step"] != steps:
+      raise RuntimeError(f"{run_dir} has no validation evaluation at step {steps}")
+    run["val"] = {k: val_curve[-1][k] for k in ("all",) + BUCKETS}
+    run["val_curve"] = [{"step": p["step"], "all": p["all"], "tiny": p["tiny"]} for p in val_curve]
+    val_text = f", validation mAP {run['val']['all']:.3f}"
+  results["runs"].append(run)
+  print(f"== {run_name(*key)}: mAP {last['all']:.3f}, tiny AP {last['tiny']:.3f}{val_text}, "
         f"{wall_s / 60:.1f} min", flush=True)
 
 
@@ -558,10 +671,23 @@ def _fmt(mean, std):
   return f"{mean:.3f}" if math.isnan(std) else f"{mean:.3f} ± {std:.3f}"
 
 
+def selected_runs(results):
+  """The runs the tables compare: all of them, or in a learning-rate sweep those at the rate chosen
+  for their variant (`chosen_lr`) only."""
+  lrs = tuple(float(x) for x in (results.get("budget") or {}).get("lrs", ()))
+  runs = results["runs"]
+  if not lrs or not runs:
+    return list(runs)
+  first = min(r["seed"] for r in runs)
+  chosen = {(r["variant"], r["data"]): chosen_lr(runs, r["variant"], r["data"], lrs, first)
+            for r in runs}
+  return [r for r in runs if r.get("lr") == chosen[(r["variant"], r["data"])]]
+
+
 def groups(results):
-  """{(data, init): {variant: [runs]}} in plan order."""
+  """{(data, init): {variant: [runs]}} in plan order (the runs of `selected_runs`)."""
   out = {}
-  for r in results["runs"]:
+  for r in selected_runs(results):
     out.setdefault((r["data"], r["init"]), {}).setdefault(r["variant"], []).append(r)
   order = list(VARIANTS)
   return {k: dict(sorted(v.items(), key=lambda kv: order.index(kv[0]))) for k, v in out.items()}
@@ -579,22 +705,39 @@ def tables(results):
                  f"{budget['width_multiplier']:g}, {budget['num_train']} training / "
                  f"{budget['num_test']} test images, evaluated every {budget['eval_every_steps']} "
                  f"steps.")
+  settled = bool(budget.get("lrs"))
+  if settled:
+    lines.append(f"Learning rates swept on seed {min(r['seed'] for r in results['runs'])} of every "
+                 f"variant: {', '.join(f'{x:g}' for x in budget['lrs'])}; chosen on validation "
+                 f"mAP@0.5 over {budget['val_images']} generated training images held out of "
+                 f"training (the runs train on the other {budget['num_train'] - budget['val_images']}); "
+                 "the recipe's `train.base_lr` above is replaced by each variant's chosen rate.")
   for (data, init), by_variant in groups(results).items():
     lines.append("")
+    if settled:
+      lines.extend(sweep_table(results, data))
+      lines.append("")
     lines.append(f"**{data} data, {init.replace('_', ' ')}** (AP@0.5, VOC area rule, mean ± std over "
                  "seeds; buckets by the object's longer side: tiny < 16 px, small 16-32, medium > 32)")
     lines.append("")
+    extra = " lr | Δ mAP, last 25% of steps |" if settled else ""
     lines.append("| variant | family | params | GFLOPs / image | seeds | steps | mAP | AP tiny | AP small | "
-                 "AP medium | min / run |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+                 "AP medium | min / run |" + extra)
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if settled else ""))
     for variant, runs in by_variant.items():
       r0 = runs[0]
       cells = [_fmt(*_mean_std([r["ap"][k] for r in runs])) for k in ("all",) + BUCKETS]
       minutes = np.mean([r["wall_s"] for r in runs]) / 60
-      lines.append(f"| {variant} | {r0['family']} | {r0['params'] / 1e6:.3f} M | {r0['gflops']:.3f} | "
-                   f"{len(runs)} | {r0['steps']} | " + " | ".join(cells) + f" | {minutes:.1f} |")
+      row = (f"| {variant} | {r0['family']} | {r0['params'] / 1e6:.3f} M | {r0['gflops']:.3f} | "
+             f"{len(runs)} | {r0['steps']} | " + " | ".join(cells) + f" | {minutes:.1f} |")
+      if settled:
+        row += f" {r0['lr']:g} | {_fmt(*_mean_std([late_change(r['curve']) for r in runs]))} |"
+      lines.append(row)
     lines.append("")
-    lines.append(verdict(by_variant, init))
+    if settled:
+      lines.extend(settled_verdicts(by_variant))
+    else:
+      lines.append(verdict(by_variant, init))
     ablation = [a for a in results.get("ablation", []) if (a["data"], a["init"]) == (data, init)]
     if ablation:
       lines.append("")
@@ -616,6 +759,89 @@ def ablation_table(ablation):
     rows = [a for a in ablation if a["variant"] == variant]
     cells = [_fmt(*_mean_std([a[s][k] for a in rows])) for k in ("all", "tiny") for s in states]
     lines.append(f"| {variant} | {len(rows)} | " + " | ".join(cells) + " |")
+  return lines
+
+
+def sweep_table(results, data):
+  """Markdown lines: validation mAP@0.5 (and tiny AP) of every swept rate, per variant, the chosen
+  rate in bold."""
+  budget = results["budget"]
+  lrs = tuple(float(x) for x in budget["lrs"])
+  first = min(r["seed"] for r in results["runs"])
+  lines = [f"Learning-rate sweep, {data} data, seed {first}: validation mAP@0.5 (validation tiny AP)",
+           "", "| variant | " + " | ".join(f"lr {x:g}" for x in lrs) + " | chosen |",
+           "|---|" + "---|" * (len(lrs) + 1)]
+  order = list(VARIANTS)
+  variants = sorted({r["variant"] for r in results["runs"] if r["data"] == data}, key=order.index)
+  for variant in variants:
+    by_lr = {r["lr"]: r for r in results["runs"]
+             if (r["variant"], r["data"], r["seed"]) == (variant, data, first) and "val" in r}
+    best = chosen_lr(results["runs"], variant, data, lrs, first)
+    cells = []
+    for lr in lrs:
+      if lr not in by_lr:
+        cells.append("(to run)")
+        continue
+      val = by_lr[lr]["val"]
+      cell = f"{val['all']:.3f} ({_fmt(*_mean_std([val['tiny']]))})"
+      cells.append(f"**{cell}**" if lr == best else cell)
+    lines.append(f"| {variant} | " + " | ".join(cells) + f" | {'-' if best is None else f'{best:g}'} |")
+  return lines
+
+
+def late_change(curve, fraction=0.25):
+  """How much test mAP@0.5 changed over the last `fraction` of a run's steps: the final evaluation
+  minus the one at (1 - fraction) of the steps (the latest at or before it). The curve is flat
+  where this is below 0.01."""
+  last = curve[-1]
+  start = (1 - fraction) * last["step"]
+  before = [p for p in curve if p["step"] <= start]
+  if not before:
+    return None
+  return last["all"] - before[-1]["all"]
+
+
+# The settled study's three questions: (a, b, what a - b on tiny-object AP answers).
+COMPARISONS = (
+    ("mdssd_bn", "ssd_fine", "Does the Fusion Block help tiny objects?"),
+    ("mdssd_bn", "mdssd_bn_shallow", "Is it the deep map's semantics?"),
+    ("mdssd_bn_shallow", "ssd_fine", "Is it only a deeper fine head?"),
+)
+
+
+def compare(by_variant, a, b, metric="tiny"):
+  """(mean of a - mean of b, the larger of the two seeds' std, the standard error of the
+  difference, seeds of a, seeds of b) for AP `metric` of the final evaluations."""
+  va = [r["ap"][metric] for r in by_variant[a] if r["ap"][metric] is not None]
+  vb = [r["ap"][metric] for r in by_variant[b] if r["ap"][metric] is not None]
+  (ma, sa), (mb, sb) = _mean_std(va), _mean_std(vb)
+  noise = max((x for x in (sa, sb) if not math.isnan(x)), default=float("nan"))
+  se = (math.sqrt(sa ** 2 / len(va) + sb ** 2 / len(vb)) if len(va) > 1 and len(vb) > 1
+        else float("nan"))
+  return ma - mb, noise, se, len(va), len(vb)
+
+
+def settled_verdicts(by_variant):
+  """Markdown lines: each of COMPARISONS answered with its size against the seeds' spread."""
+  lines = []
+  for a, b, question in COMPARISONS:
+    if a not in by_variant or b not in by_variant:
+      lines.append(f"- {question} (`{a}` vs `{b}`): not both run yet.")
+      continue
+    diff, noise, se, na, nb = compare(by_variant, a, b)
+    all_diff = compare(by_variant, a, b, "all")[0]
+    if math.isnan(se):
+      judged = "too few seeds to judge"
+    elif abs(diff) > 2 * se:
+      judged = (f"more than twice its standard error ({se:.3f}): "
+                + ("yes" if diff > 0 else "no, the opposite"))
+    elif abs(diff) > noise:
+      judged = (f"larger than the seeds' standard deviation ({noise:.3f}) but within twice its "
+                f"standard error ({se:.3f}): suggestive, not shown")
+    else:
+      judged = f"within the seeds' standard deviation ({noise:.3f}): no measurable difference"
+    lines.append(f"- {question} Tiny-object AP `{a}` − `{b}` = {diff:+.3f} ({na} and {nb} seeds; "
+                 f"mAP {all_diff:+.3f}): {judged}.")
   return lines
 
 
@@ -682,12 +908,17 @@ def plot(results, path):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", default=DEFAULT_OUT, help="results JSON (kept between sittings)")
+  parser.add_argument("--out", default=None,
+                      help=f"results JSON (kept between sittings); default {DEFAULT_OUT}, with "
+                           f"--settled {SETTLED_OUT}")
+  parser.add_argument("--settled", action="store_true",
+                      help="the settled study: a learning-rate sweep per variant chosen on held-out "
+                           "training images, then the other seeds at each variant's rate")
   parser.add_argument("--workdir", default=DEFAULT_WORKDIR, help="one training folder per run here")
   parser.add_argument("--plot", default=None,
                       help=f"learning-curve plot; default {DEFAULT_PLOT} for the default --out, "
                            "else the --out path with .png")
-  parser.add_argument("--quick", action="store_true", help="every variant and regime at toy size")
+  parser.add_argument("--quick", action="store_true", help="the study's machinery at toy size")
   parser.add_argument("--data", default=None, help="comma-separated: shape (default), colour")
   parser.add_argument("--variants", default=None,
                       help=f"comma-separated subset of {','.join(VARIANTS)} (default: all)")
@@ -705,10 +936,15 @@ def main():
     sys.exit(one_run(json.loads(args.one_run)))
   if args.workers < 1:
     parser.error(f"--workers={args.workers}: must be at least 1")
-  plot_path = args.plot or (DEFAULT_PLOT if os.path.abspath(args.out) == os.path.abspath(DEFAULT_OUT)
-                            else os.path.splitext(args.out)[0] + ".png")
+  args.out = args.out or (SETTLED_OUT if args.settled else DEFAULT_OUT)
+  defaults = {os.path.abspath(DEFAULT_OUT): DEFAULT_PLOT, os.path.abspath(SETTLED_OUT): SETTLED_PLOT}
+  plot_path = args.plot or defaults.get(os.path.abspath(args.out),
+                                        os.path.splitext(args.out)[0] + ".png")
   if not args.table:
-    budget = QUICK if args.quick else FULL
+    if args.settled:
+      budget = QUICK_SETTLED if args.quick else SETTLED
+    else:
+      budget = QUICK if args.quick else FULL
     if args.data:
       budget = dataclasses.replace(budget, data=tuple(args.data.split(",")))
     if args.variants:
@@ -718,7 +954,8 @@ def main():
         parser.error(f"--variants: unknown {unknown}; known: {list(VARIANTS)}")
       budget = dataclasses.replace(
           budget, variants=chosen,
-          trained_trunk_variants=tuple(v for v in TRAINED_TRUNK_VARIANTS if v in chosen))
+          trained_trunk_variants=tuple(v for v in TRAINED_TRUNK_VARIANTS
+                                       if v in chosen and budget.trained_trunk_variants))
     if not args.ablation:
       run_study(budget, args.out, args.workdir, args.data_dir, args.workers)
     if not _Stop.requested:

@@ -61,6 +61,9 @@ def base_config():
   # batch-norm trunk with the paper's Fusion Block, as benchmarks/study_small_objects.py compares).
   c.model.fusion_batch_norm = None
   c.model.fusion_deconv_init = "xavier"  # "xavier" | "bilinear" (interpolating upsampler, FCN/DSSD)
+  # False: Fusion Blocks without their deconvolution branch, the shallow path alone (a control that
+  # isolates what the deep map's semantics add: the study's mdssd_bn_shallow). True = the paper.
+  c.model.fusion_deep_branch = True
   # "auto": native transposed conv / reduce_window on GPU and TPU, the XLA:CPU-fastest forms on CPU,
   # decided when the program is lowered; "native" / "cpu" force one (docs/model.md, "Kernels").
   c.model.kernels = "auto"

@@ -108,3 +108,18 @@ def test_param_shapes_enter_the_digest():
   params["fusion1"]["out_conv"]["kernel"] = jax.ShapeDtypeStruct((3, 3, 16, 17), "float32")
   b = checkpointing.model_fingerprint(c, len(anchors), params)
   assert a["param_shapes_sha256"] != b["param_shapes_sha256"]
+
+
+def test_fields_added_later_keep_older_checkpoints_usable():
+  """A checkpoint written before model.fusion_deep_branch existed holds the paper's block (True):
+  it fits a config with the branch, and is refused by one without it (whose shapes differ too)."""
+  c = tiny_mdssd.get_config()
+  current = _fingerprint(c)
+  assert current["model.fusion_deep_branch"] is True
+  older = {k: v for k, v in current.items() if k != "model.fusion_deep_branch"}
+  checkpointing.check_fingerprint(older, current, "/tmp/workdir")
+  c.model.fusion_deep_branch = False
+  shallow = _fingerprint(c)
+  message = _refusal(older, shallow)
+  assert "model.fusion_deep_branch: checkpoint True vs config False" in message
+  assert "param_shapes_sha256" in message

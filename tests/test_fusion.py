@@ -62,8 +62,12 @@ def np_upsample_linear(x, out_h, out_w, kernels):
 
 # ---- parameter counts from layer lists --------------------------------------------------------
 
-def block_layers(deep_channels, shallow_channels, deconv_width, out_width, kernels):
-  """[(kind, kernel_h, kernel_w, cin, cout)] of one Fusion Block, in the paper's order."""
+def block_layers(deep_channels, shallow_channels, deconv_width, out_width, kernels, deep_branch=True):
+  """[(kind, kernel_h, kernel_w, cin, cout)] of one Fusion Block, in the paper's order; without the
+  deep branch, the shallow conv, its L2Norm and the output conv."""
+  if not deep_branch:
+    return [("conv", 3, 3, shallow_channels, deconv_width), ("l2norm", 0, 0, 0, deconv_width),
+            ("conv", 3, 3, deconv_width, out_width)]
   layers, cin = [], deep_channels
   for kh, kw in kernels:
     layers += [("deconv", kh, kw, cin, deconv_width), ("conv", 3, 3, deconv_width, deconv_width)]
@@ -104,6 +108,47 @@ def test_block_shapes_and_parameter_counts(batch_norm, deep, shallow):
   for name in ("deconv1", "deconv1_conv", "shallow_conv", "out_conv"):
     assert ("bias" in variables["params"][name]) == (not batch_norm)
     assert (f"{name}_bn" in variables["params"]) == batch_norm
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_block_without_deep_branch_is_its_shallow_path(batch_norm):
+  """deep_branch=False: the parameters of the shallow path alone (counted here), the same names as
+  the full block's shallow path, and its output computed in NumPy: relu(out_conv(l2norm(conv(x))))."""
+  block = models.FusionBlock(deconv_features=6, out_features=5, batch_norm=batch_norm,
+                             deep_branch=False)
+  rng = np.random.default_rng(0)
+  shallow = jnp.asarray(rng.normal(size=(2, 8, 8, 7)), jnp.float32)
+  deep = jnp.asarray(rng.normal(size=(2, 1, 1, 9)), jnp.float32)
+  variables = block.init(jax.random.key(1), shallow, deep, False)
+  want_params, want_stats = count(block_layers(9, 7, 6, 5, [], deep_branch=False), batch_norm)
+  assert models.count_params(variables["params"]) == want_params
+  assert models.count_params(variables.get("batch_stats", {})) == want_stats
+  full = models.FusionBlock(deconv_features=6, out_features=5, batch_norm=batch_norm)
+  full_names = set(jax.eval_shape(lambda: full.init(jax.random.key(1), shallow, deep, False))["params"])
+  assert set(variables["params"]) == {n for n in full_names
+                                      if n.startswith(("shallow_", "out_conv"))}
+  # A deep input of any size is not read.
+  other = jnp.zeros((2, 3, 3, 4), jnp.float32)
+  out = block.apply(variables, shallow, deep, False)
+  np.testing.assert_array_equal(out, block.apply(variables, shallow, other, False))
+
+  p = jax.tree_util.tree_map(np.asarray, variables["params"])
+  stats = jax.tree_util.tree_map(np.asarray, variables.get("batch_stats", {}))
+
+  def np_conv(x, name):
+    w = p[name]["kernel"]
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    y = sum(np.einsum("bhwc,cd->bhwd", xp[:, i:i + x.shape[1], j:j + x.shape[2]], w[i, j])
+            for i in range(3) for j in range(3))
+    if not batch_norm:
+      return y + p[name]["bias"]
+    bn, st = p[f"{name}_bn"], stats[f"{name}_bn"]
+    return (y - st["mean"]) / np.sqrt(st["var"] + 1e-5) * bn["scale"] + bn["bias"]
+
+  low = np_conv(np.asarray(shallow, np.float64), "shallow_conv")
+  low = low / np.sqrt((low ** 2).sum(-1, keepdims=True) + 1e-10) * p["shallow_norm"]["scale"]
+  want = np.maximum(np_conv(low, "out_conv"), 0)
+  np.testing.assert_allclose(out, want, rtol=2e-4, atol=2e-4)
 
 
 def _full_mdssd300_count(deconv_widths, batch_norm):

@@ -341,6 +341,9 @@ class ConcatSource:
 def open_split(info, data_dir, split, for_eval=False):
   """Random access to `split` (aliases and "a+b" resolved) over the train or eval parts.
 
+  A split may be sliced with TFDS's syntax, "train[:3800]", "train[3800:]", "train[:95%]"
+  (tfds.core.ReadInstruction): e.g. a validation split held out of the training data.
+
   Records are TFDS examples with the image left encoded (bytes): the pipeline decodes it itself so
   that a damaged image can be skipped instead of raising inside the data source.
   """
@@ -349,7 +352,7 @@ def open_split(info, data_dir, split, for_eval=False):
   sources = []
   for builder in builders:
     for name in names:
-      if name not in builder.info.splits:
+      if name.split("[", 1)[0] not in builder.info.splits:
         raise ValueError(f"data set {info.name!r} ({builder.name}/{builder.builder_config.name}) has no "
                          f"split {name!r}; it has {', '.join(sorted(builder.info.splits))}"
                          + (f" (and the aliases {dict(info.split_aliases)})" if info.split_aliases else ""))

@@ -98,6 +98,10 @@ class FusionBlock(nn.Module):
       (`bilinear_deconv_init`: the upper branch starts as an interpolating upsampler).
     kernels: "auto" | "native" | "cpu" | "portable", the deconvs' and convs' implementation
       (mdssd_jax/models/kernels.py).
+    deep_branch: False drops the upper (deconvolution) branch: the block is its shallow path alone
+      (shallow conv, L2Norm, output conv), a control that trains the same fine head without the
+      deep map's semantics (benchmarks/study_small_objects.py's `mdssd_bn_shallow`). `deep` is
+      then not read.
     dtype: compute dtype; params float32.
   Call: shallow (B, H, W, Cs), deep (B, h, w, Cd), train -> (B, H, W, out_features), after ReLU.
     The deconv kernels are derived per axis from (h, H) and (w, W) with `deconv_kernels`.
@@ -114,6 +118,7 @@ class FusionBlock(nn.Module):
   batch_norm: bool = False
   deconv_init: str = "xavier"
   kernels: str = "auto"
+  deep_branch: bool = True
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -135,6 +140,11 @@ class FusionBlock(nn.Module):
                   name=name)(x)
       return bn(x, name)
 
+    low = conv(shallow.astype(self.dtype), self.deconv_features, "shallow_conv")
+    low = vgg.L2Norm(self.l2norm_scale, dtype=self.dtype, name="shallow_norm")(low)
+    if not self.deep_branch:
+      return nn.relu(conv(low, self.out_features, "out_conv"))
+
     kernels_h = deconv_kernels(deep.shape[1], shallow.shape[1], self.num_deconvs)
     kernels_w = deconv_kernels(deep.shape[2], shallow.shape[2], self.num_deconvs)
     init = bilinear_deconv_init if self.deconv_init == "bilinear" else vgg.KERNEL_INIT
@@ -148,9 +158,6 @@ class FusionBlock(nn.Module):
       if i + 1 < self.num_deconvs:
         up = nn.relu(up)
     up = vgg.L2Norm(self.l2norm_scale, dtype=self.dtype, name="deep_norm")(up)
-
-    low = conv(shallow.astype(self.dtype), self.deconv_features, "shallow_conv")
-    low = vgg.L2Norm(self.l2norm_scale, dtype=self.dtype, name="shallow_norm")(low)
 
     return nn.relu(conv(up + low, self.out_features, "out_conv"))
 

@@ -44,6 +44,8 @@ class SSD(nn.Module):
       all blocks, or one per entry of `fusions`.
     fusion_l2norm_init_scale, fusion_deconv_init: Fusion Block settings (see FusionBlock).
     fusion_batch_norm: batch norm inside the Fusion Blocks; None = as `batch_norm`.
+    fusion_deep_branch: False: Fusion Blocks without their deconvolution branch (a control; see
+      FusionBlock.deep_branch).
     kernels: "auto" | "native" | "cpu" | "portable" deconv / 2x2 pool implementations (models/kernels.py).
     remat: "none" | "blocks" (each VGG stage and Fusion Block rematerialised), with the
       jax.checkpoint policy named `remat_policy`.
@@ -64,6 +66,7 @@ class SSD(nn.Module):
   fusion_l2norm_init_scale: float = 20.0
   fusion_deconv_init: str = "xavier"
   fusion_batch_norm: Optional[bool] = None
+  fusion_deep_branch: bool = True
   kernels: str = "auto"
   remat: str = "none"
   remat_policy: str = "nothing_saveable"
@@ -94,7 +97,8 @@ class SSD(nn.Module):
           batch_norm=(self.batch_norm if self.fusion_batch_norm is None
                       else bool(self.fusion_batch_norm)),
           deconv_init=self.fusion_deconv_init, kernels=self.kernels,
-          dtype=self.dtype, name=name)(maps[shallow], maps[deep], train)
+          deep_branch=bool(self.fusion_deep_branch), dtype=self.dtype,
+          name=name)(maps[shallow], maps[deep], train)
 
     locs, logits = [], []
     for source, k in zip(self.head_sources, self.boxes_per_cell):

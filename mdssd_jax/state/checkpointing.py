@@ -31,6 +31,9 @@ FINGERPRINT_EXEMPT_MODEL_KEYS = ("init_from", "init_source", "allow_random_trunk
                                  "remat", "remat_policy", "l2norm_init_scale",
                                  "fusion_l2norm_init_scale", "fusion_deconv_init", "pixel")
 FINGERPRINT_VERSION = 2
+# Fingerprint fields added after checkpoints were written without them, with the value their
+# absence means (the model those checkpoints hold): a config at that value still fits them.
+FINGERPRINT_FIELDS_ADDED = {"model.fusion_deep_branch": True}
 # Version 1 (no "fingerprint_version" field) held these config.model keys, undotted.
 _V1_MODEL_KEYS = ("architecture", "input_size_px", "num_classes", "width_multiplier", "batch_norm",
                   "extras", "fusions", "head_sources")
@@ -74,6 +77,7 @@ def check_fingerprint(saved, current, checkpoint_dir):
     renamed = {(f"model.{k}" if k in _V1_MODEL_KEYS else k): v for k, v in saved.items()
                if k != "fusion_deconv_channels"}   # its format changed; the shapes digest covers it
     saved, current = renamed, {k: current.get(k) for k in renamed}
+  saved = {**{k: v for k, v in FINGERPRINT_FIELDS_ADDED.items() if k in current}, **saved}
   diffs = [f"  {k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}"
            for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
   if diffs:
