@@ -13,7 +13,6 @@ import os
 import numpy as np
 import pytest
 
-from configs import tiny_mdssd
 from tests.test_train import run_main
 
 VARIABLES = os.path.join(os.path.dirname(__file__), "data", "eval_regression_variables.npz")
@@ -24,7 +23,6 @@ EXPECTED_METRICS = {"mAP": 0.0030340861870547333, "AP/circle": 0.0, "AP/square":
 
 # The regression model: tiny_mdssd with SSD heads, as a config file main.py can load.
 CONFIG_SOURCE = '''
-from configs import tiny_mdssd
 
 def get_config():
   c = tiny_mdssd.get_config()

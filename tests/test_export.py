@@ -15,9 +15,9 @@ import cv2
 import numpy as np
 import pytest
 
-from configs import tiny_mdssd
 from mdssd_jax.run import predict as run_predict
 from tests.conftest import ROOT
+from tests import helpers
 
 # Images of several sizes and aspect ratios, smaller and larger than the 96 px input, and 96 itself.
 IMAGE_SIZES_HW = ((96, 96), (60, 150), (211, 130), (400, 333))
@@ -28,16 +28,7 @@ TFLITE_TOLERANCE = 1e-4
 
 
 def _tiny_config(data_dir, **overrides):
-  config = tiny_mdssd.get_config()
-  config.data.data_dir = data_dir
-  config.train.num_steps = 2
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return helpers.tiny_config(data_dir, **{"train.num_steps": 2, **overrides})
 
 
 def _tree_hashes(root):

@@ -21,8 +21,9 @@ import pytest
 from configs import tiny_mdssd
 from mdssd_jax import models
 from mdssd_jax.models import kernels
+from tests import helpers
 
-VARIANTS = ("cpu", "native", "auto")
+VARIANTS = helpers.KERNEL_VARIANTS
 
 
 def np_deconv_torch(x, w_torch, pads):
@@ -121,11 +122,9 @@ def _loss_and_grads_fn(config):
 
 
 def _tiny(**model_overrides):
-  c = tiny_mdssd.get_config()
-  c.model.fusion_deconv_init = "bilinear"   # exercises the block's every option at once
-  for key, value in model_overrides.items():
-    c.model[key] = value
-  return c
+  # A bilinear deconv start exercises the block's every option at once.
+  return helpers.tiny_config(**{"model.fusion_deconv_init": "bilinear",
+                                **{f"model.{k}": v for k, v in model_overrides.items()}})
 
 
 @pytest.fixture(scope="module")

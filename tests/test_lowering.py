@@ -20,13 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import tiny_mdssd
 from mdssd_jax.state import experiment
 from mdssd_jax import models
 from mdssd_jax.state import optim
 from mdssd_jax.core import pixels
 from mdssd_jax.inference import predictor as predict_lib
 from mdssd_jax.run import train
+from tests import helpers
 
 ACCELERATORS = ("cuda", "tpu")
 BATCH = 2
@@ -39,10 +39,7 @@ FORBIDDEN_IN_MODEL = ("stablehlo.scatter", "stablehlo.gather")
 
 
 def tiny_config():
-  config = tiny_mdssd.get_config()
-  if "kernels" in config.model:   # the backend-aware choice, as users get it
-    config.model.kernels = "auto"
-  return config
+  return helpers.tiny_config(**{"model.kernels": "auto"})   # the backend-aware choice, as users get it
 
 
 def pieces(config):

@@ -12,6 +12,7 @@ import pytest
 
 from mdssd_jax.core import anchors as anchor_lib
 from mdssd_jax.core import matching
+from tests import helpers
 
 # A tiny SSD-like spec: 64 px input, 4 layers, 336 default boxes.
 TINY = dict(image_size=64, feature_sizes=(8, 4, 2, 1), steps=(8, 16, 32, 64),
@@ -88,16 +89,6 @@ def _reference_match(gt_boxes, gt_labels, anchors, iou_threshold=0.5, variances=
   return loc, cls
 
 
-def _random_batch(rng, batch=4, num_gt=6):
-  xy = rng.uniform(0, 0.85, (batch, num_gt, 2))
-  wh = rng.uniform(0.03, 0.6, (batch, num_gt, 2))
-  gt = np.concatenate([xy, np.minimum(xy + wh, 1.0)], -1).astype(np.float32)
-  labels = rng.integers(1, 6, (batch, num_gt))
-  for b in range(batch):                         # padding at the end, as the pipeline pads
-    labels[b, rng.integers(1, num_gt + 1):] = 0
-  return gt, labels
-
-
 def _check(gt, labels, **kwargs):
   loc, cls = _match(gt, labels, rule="forced", **kwargs)
   ref_loc, ref_cls = _reference_match(gt, labels, ANCHORS, **kwargs)
@@ -111,7 +102,7 @@ def _check(gt, labels, **kwargs):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_random_batches_with_padding(seed):
   rng = np.random.default_rng(seed)
-  gt, labels = _random_batch(rng)
+  gt, labels = helpers.random_gt_batch(rng)
   labels[0, :] = 0                               # one image without objects
   # Padded slots keep garbage boxes (even overlapping real ones): they must still never match.
   gt[labels == 0] = rng.uniform(0, 1, (int((labels == 0).sum()), 4)) * [0.5, 0.5, 1, 1]
@@ -121,7 +112,7 @@ def test_random_batches_with_padding(seed):
 
 
 def test_threshold_argument():
-  gt, labels = _random_batch(np.random.default_rng(3))
+  gt, labels = helpers.random_gt_batch(np.random.default_rng(3))
   _, loose = _check(gt, labels, iou_threshold=0.3)
   _, strict = _check(gt, labels, iou_threshold=0.7)
   assert (loose > 0).sum() > (strict > 0).sum()
@@ -158,7 +149,7 @@ def test_padding_cannot_undo_a_forced_match_on_the_first_default_box():
 @pytest.mark.parametrize("rule", matching.MATCH_RULES)
 def test_degenerate_and_padded_boxes_never_match(rule):
   rng = np.random.default_rng(4)
-  gt, labels = _random_batch(rng, batch=2, num_gt=5)
+  gt, labels = helpers.random_gt_batch(rng, batch=2, num_gt=5)
   labels[:] = [[1, 2, 3, 4, 0], [5, 5, 5, 5, 5]]
   gt[0, 1] = [0.3, 0.3, 0.3, 0.6]               # zero width, labelled
   gt[0, 2] = [0.5, 0.5, 0.4, 0.4]               # negative size, labelled
@@ -292,7 +283,7 @@ def _check_bipartite(gt, labels, **kwargs):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_bipartite_random_batches_with_padding(seed):
   rng = np.random.default_rng(seed)
-  gt, labels = _random_batch(rng)
+  gt, labels = helpers.random_gt_batch(rng)
   labels[0, :] = 0
   gt[labels == 0] = rng.uniform(0, 1, (int((labels == 0).sum()), 4)) * [0.5, 0.5, 1, 1]
   _, cls = _check_bipartite(gt, labels)

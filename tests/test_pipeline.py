@@ -19,6 +19,7 @@ from mdssd_jax.core import images
 from mdssd_jax.data import pipeline
 from mdssd_jax.data import prepare
 from mdssd_jax.data import registry
+from tests import helpers
 
 tfds.disable_progress_bar()
 
@@ -290,23 +291,6 @@ time.sleep(600)
 """
 
 
-def _children(pid):
-  found = []
-  for task in os.listdir(f"/proc/{pid}/task"):
-    with open(f"/proc/{pid}/task/{task}/children") as f:
-      found += [int(p) for p in f.read().split()]
-  return found
-
-
-def _running(pid):
-  """True while `pid` exists and is not a zombie (dead, not reaped yet)."""
-  try:
-    with open(f"/proc/{pid}/stat") as f:
-      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-  except FileNotFoundError:
-    return False
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_grain_workers_end_when_the_trainer_is_killed(data_dir):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -314,7 +298,7 @@ def test_grain_workers_end_when_the_trainer_is_killed(data_dir):
   parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=root)
   try:
     assert parent.stdout.readline().strip() == "READY"
-    workers = [p for p in _children(parent.pid) if _running(p)]
+    workers = [p for p in helpers.child_pids(parent.pid) if helpers.running(p)]
     with open(f"/proc/{workers[0]}/cmdline") as f:
       assert "multiprocessing" in f.read()
     assert len(workers) >= 4   # 2 training + 2 evaluation workers (+ multiprocessing's tracker)
@@ -324,9 +308,9 @@ def test_grain_workers_end_when_the_trainer_is_killed(data_dir):
     if parent.poll() is None:
       parent.kill()
   deadline = time.time() + 10
-  while time.time() < deadline and any(_running(p) for p in workers):
+  while time.time() < deadline and any(helpers.running(p) for p in workers):
     time.sleep(0.1)
-  left = [p for p in workers if _running(p)]
+  left = [p for p in workers if helpers.running(p)]
   for pid in left:   # do not leave them behind if the test fails
     os.kill(pid, signal.SIGKILL)
   assert not left, f"worker processes {left} outlived the killed trainer"

@@ -19,17 +19,11 @@ import time
 import numpy as np
 import pytest
 
-from configs import tiny_mdssd
 from tests.conftest import ROOT
+from tests import helpers
 
 
-def tiny_config(data_dir, **overrides):
-  config = tiny_mdssd.get_config()
-  config.data.data_dir = data_dir
-  for key, value in overrides.items():
-    section, leaf = key.split(".")
-    config[section][leaf] = value
-  return config
+tiny_config = helpers.tiny_config
 
 
 def run_main(args, timeout=900):

@@ -101,6 +101,99 @@ def test_quick_study_rerun_skips_finished_runs_and_table_redraws_plot(quick_stud
   assert "| mdssd_bn | mdssd |" in proc.stdout and "**shape data, trained trunk**" in proc.stdout
 
 
+# ---- the settled study: a learning-rate sweep chosen on held-out training images ------------------
+
+SETTLED_VARIANT = "mdssd_bn_shallow"
+
+
+@pytest.fixture(scope="module")
+def settled_study(tmp_path_factory):
+  """`--settled --quick` on one variant: two rates on seed 0, then seed 1 at the chosen one."""
+  folder = tmp_path_factory.mktemp("settled")
+  out = os.path.join(folder, "settled.json")
+  cmd = [sys.executable, "-m", "benchmarks.study_small_objects", "--settled", "--quick",
+         "--workers=2", f"--variants={SETTLED_VARIANT}", f"--out={out}",
+         f"--workdir={os.path.join(folder, 'runs')}", f"--data_dir={os.path.join(folder, 'tfds')}"]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+  assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+  with open(out) as f:
+    return json.load(f), str(folder), proc.stdout
+
+
+def test_settled_study_sweeps_on_the_first_seed_and_trains_the_others_at_the_best_rate(settled_study):
+  results, _, stdout = settled_study
+  budget = study.QUICK_SETTLED
+  assert results["budget"]["lrs"] == list(budget.lrs)
+  assert results["budget"]["val_images"] == budget.val_images
+  sweep = {r["lr"]: r for r in results["runs"] if r["seed"] == 0}
+  assert sorted(sweep) == sorted(budget.lrs)
+  # The rate with the best validation mAP (the smaller one on a tie), chosen here from the JSON.
+  best = max(sorted(budget.lrs), key=lambda lr: sweep[lr]["val"]["all"])
+  others = [r for r in results["runs"] if r["seed"] != 0]
+  assert [(r["seed"], r["lr"]) for r in others] == [(1, best)]
+  for run in results["runs"]:
+    assert set(run) == RUN_KEYS | {"lr", "val", "val_curve"}
+    assert run["variant"] == SETTLED_VARIANT and run["family"] == "mdssd"
+    assert [p["step"] for p in run["val_curve"]] == [p["step"] for p in run["curve"]]
+    assert run["val_curve"][-1]["all"] == run["val"]["all"]
+    for value in run["val"].values():
+      assert value is None or 0.0 <= value <= 1.0
+  # The tables compare the chosen rate's runs, and the sweep table marks the choice.
+  assert f"| {SETTLED_VARIANT} | mdssd |" in stdout
+  row = next(l for l in stdout.splitlines() if l.startswith(f"| {SETTLED_VARIANT} | mdssd |"))
+  assert f" {best:g} |" in row and "| 2 | 4 |" in row           # 2 seeds, 4 steps
+  sweep_row = next(l for l in stdout.splitlines() if l.startswith(f"| {SETTLED_VARIANT} | ")
+                   and l.rstrip().endswith(f"| {best:g} |"))
+  assert sweep_row.count("**") == 2
+  # No branch ablation: a block without its deep branch has none to switch off.
+  assert not results.get("ablation")
+
+
+def test_settled_runs_train_on_the_training_images_less_the_validation_ones(settled_study):
+  """The held-out images are the last val_images of the generated training split, none of them in
+  the training split the runs read (compared by their encoded bytes)."""
+  _, folder, _ = settled_study
+  from mdssd_jax.data import registry
+  budget = study.QUICK_SETTLED
+  config = study.variant_config(SETTLED_VARIANT, "shape", budget, 0, os.path.join(folder, "tfds"),
+                                lr=budget.lrs[0])
+  assert config.train.base_lr == budget.lrs[0]
+  info = registry.get_dataset(config.data)
+  read = lambda split: [bytes(r["image"]) for r in registry.open_split(info, config.data.data_dir, split)]
+  everything = read("train")
+  train, val = read(config.data.train_split), read(config.evals[study.VAL_EVALUATOR].split)
+  assert len(everything) == budget.num_train and len(val) == budget.val_images
+  assert train + val == everything
+  assert not set(train) & set(val)
+  assert config.evals[study.EVALUATOR].split in ("", config.data.eval_split)   # the test split
+
+
+def test_settled_verdicts_answer_the_three_questions_with_their_sizes():
+  """Standard error of a difference of means, sqrt(s_a^2/n_a + s_b^2/n_b), computed here."""
+  tiny = {"ssd_fine": [0.60, 0.64, 0.62], "mdssd_bn": [0.80, 0.84, 0.82],
+          "mdssd_bn_shallow": [0.58, 0.70, 0.64]}
+  by_variant = {v: [_fake_run(v, "mdssd" if v.startswith("mdssd") else v, s, t)
+                    for s, t in enumerate(ts)] for v, ts in tiny.items()}
+  lines = study.settled_verdicts(by_variant)
+  assert len(lines) == 3
+
+  def se(a, b):
+    return math.sqrt(np.var(tiny[a], ddof=1) / 3 + np.var(tiny[b], ddof=1) / 3)
+
+  assert "`mdssd_bn` − `ssd_fine` = +0.200" in lines[0] and f"({se('mdssd_bn', 'ssd_fine'):.3f})" in lines[0]
+  assert lines[0].endswith(": yes.")
+  assert "`mdssd_bn` − `mdssd_bn_shallow` = +0.180" in lines[1] and lines[1].endswith(": yes.")
+  # +0.020 against a spread of 0.06: no measurable difference.
+  assert "= +0.020" in lines[2] and "no measurable difference" in lines[2]
+  assert "not both run yet" in study.settled_verdicts({"ssd_fine": by_variant["ssd_fine"]})[0]
+
+
+def test_late_change_is_the_last_quarter_of_the_curve():
+  curve = [dict(step=s, all=a) for s, a in ((100, 0.1), (200, 0.5), (300, 0.8), (400, 0.85))]
+  assert study.late_change(curve) == pytest.approx(0.85 - 0.8)     # from step 300 = 0.75 * 400
+  assert study.late_change(curve[-1:]) is None
+
+
 def _fake_run(variant, family, seed, tiny, all_ap=0.5):
   return dict(variant=variant, family=family, seed=seed, data="shape", init="scratch", steps=10,
               wall_s=60.0, params=1000, gflops=0.1,
@@ -157,7 +250,7 @@ def test_variants_share_heads_and_default_boxes():
     model = models.build_model(config)
     _, _, maps = models.abstract_forward(model, config.model.input_size_px)
     head_channels[variant] = [tuple(m.shape[1:]) for m in maps]
-  for variant in ("mdssd", "mdssd_bn", "mdssd_bn_bilinear"):
+  for variant in ("mdssd", "mdssd_bn", "mdssd_bn_bilinear", "mdssd_bn_shallow"):
     np.testing.assert_array_equal(boxes[variant], boxes["ssd_fine"])
     assert head_channels[variant] == head_channels["ssd_fine"]
   # ssd: the same boxes without the 48x48 map's (48 * 48 cells, 4 boxes each: ratios 1, 1', 2, 1/2).

@@ -14,19 +14,11 @@ import time
 import numpy as np
 import pytest
 
-from configs import tiny_mdssd
 from tests.conftest import ROOT
+from tests import helpers
 
 
-def tiny_config(**overrides):
-  config = tiny_mdssd.get_config()
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+tiny_config = helpers.tiny_config
 
 
 def train_losses(workdir):

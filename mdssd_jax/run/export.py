@@ -46,6 +46,7 @@ from mdssd_jax.core import boxes as box_lib
 from mdssd_jax.core import pixels
 from mdssd_jax.core import postprocess
 from mdssd_jax.inference import predictor as predict_lib
+from mdssd_jax.report import progress
 from mdssd_jax.run import predict as run_predict
 from mdssd_jax.state import weights
 
@@ -440,12 +441,12 @@ def export_checkpoint(config, workdir, step=None, formats=None, tflite_quantizat
   finally:
     shutil.rmtree(staging, ignore_errors=True)
   logging.info("exported step %d to %s", step, final)
-  print(f"Exported the checkpoint of step {step} ({', '.join(formats)}) to {final}", flush=True)
+  progress.say(f"Exported the checkpoint of step {step} ({', '.join(formats)}) to {final}")
   if config.eval.tiled.enabled:
     # The exported graphs take one S x S input (the SavedModel warps the whole image to it); the
     # tiling of --mode=predict is host code that is not exported.
-    print("Note: config.eval.tiled.enabled is True, but the export warps each whole image to "
+    progress.say("Note: config.eval.tiled.enabled is True, but the export warps each whole image to "
           f"{config.model.input_size_px} px; to match --mode=predict on large images, cut tiles of "
           f"that size (overlap {config.eval.tiled.overlap_px} px) and merge their detections as "
-          "mdssd_jax/inference/predictor.py's tiled_detect does.", flush=True)
+          "mdssd_jax/inference/predictor.py's tiled_detect does.")
   return final

@@ -15,6 +15,7 @@ import cv2
 
 from mdssd_jax.core import images
 from mdssd_jax.inference import predictor
+from mdssd_jax.report import progress
 from mdssd_jax.report import visualize
 from mdssd_jax.state import weights
 
@@ -171,5 +172,5 @@ def predict_from_checkpoint(config, workdir, image_patterns, output_dir=None, st
   if skipped:
     line += (f"\nSkipped {len(skipped)} of {summary['num_images'] + len(skipped)} file(s) that could "
              f"not be read: {', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}")
-  print(line, flush=True)
+  progress.say(line)
   return summary
