@@ -21,8 +21,8 @@ full bandwidth, without overlap losses, collectives' time or the host. `cost_ana
 `optimal_seconds` is not used (negative for these programs).
 
 `--topology=cpu:N` compiles for N CPU devices of this machine (simulated if N > 1) and rates the
-program against an H100 / H200 (`--gpu=h100|h200`): XLA:CPU's count of FLOPs and bytes of the same
-step, not the GPU's program (XLA:GPU fuses differently, and cuDNN picks its own convolution
+program against an H100 / H200 (`--gpu=h100|h200`): the GPU's model (config.model.kernels="native"),
+but XLA:CPU's count of FLOPs and bytes of the step, not the GPU's compiled program (XLA:GPU fuses differently, and cuDNN picks its own convolution
 algorithms), and its memory is XLA:CPU's buffer assignment. `benchmarks/device_check.sh` measures a
 real GPU.
 """
@@ -217,6 +217,10 @@ def measure(config_name, topology, per_chip_batch, dtype, remat=None, gpu="h100"
   devices = topology_devices(topology)
   family = topology.partition(":")[0]
   chip = CHIPS[gpu if family == "cpu" else family]
+  if family == "cpu":
+    # Rated as a GPU: the GPU's program (native convolutions and pools, as kernels="auto" lowers for
+    # cuda), not the CPU forms XLA:CPU would get.
+    config.model.kernels = "native"
   compiled, compile_s = compile_train_step(config, devices, per_chip_batch)
   memory = compiled.memory_analysis()
   costs = cost(compiled)
@@ -263,7 +267,7 @@ def _cpu_model():
 def append_result(result, path=RESULTS):
   """Adds `result` to the JSON list at `path`, replacing an earlier one of the same setting."""
   results = json.load(open(path)) if os.path.exists(path) else []
-  key = lambda r: (r["config"], r["topology"], r["per_chip_batch"], r["dtype"], r["remat"])
+  key = lambda r: (r["config"], r["topology"], r["per_chip_batch"], r["dtype"], r["remat"], r["chip"])
   results = [r for r in results if key(r) != key(result)] + [result]
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "w") as f:
@@ -302,7 +306,9 @@ def table(results):
     h = r["hbm_bytes"]
     coll = "; ".join(f"{v['count']} {k} {v['bytes'] / 1e6:.1f}" for k, v in r["collectives"].items())
     rows.append(
-        f"| {r['config']} | {r['topology']} | {r['per_chip_batch']} | {r['dtype']} | {r['remat']} | "
+        f"| {r['config']} | {r['topology']}"
+        + (f" rated as {r['chip'].split(' (')[0]}" if r["topology"].startswith("cpu") else "")
+        + f" | {r['per_chip_batch']} | {r['dtype']} | {r['remat']} | "
         f"{h['arguments'] / GiB:.2f} / {h['temporaries'] / GiB:.2f} / {h['total'] / GiB:.2f} "
         f"({r['hbm_capacity_bytes'] / GiB:.0f}){'' if r['fits'] else ' **no fit**'} | "
         f"{r['flops'] / 1e12:.2f} | {r['bytes_accessed'] / 1e9:.1f} | "
