@@ -109,6 +109,9 @@ class Budget:
   # first seed, the rate with the best validation mAP@0.5 is chosen per variant, and the other
   # seeds train at it. () = every run at the recipe's rate (the first study).
   lrs: tuple = ()
+  # Or one rate per variant, ((variant, lr), ...), every seed at it: the settled study's chosen rates
+  # at another number of steps (--settled --steps=N).
+  variant_lrs: tuple = ()
   # Images held out of the num_train generated training images as the validation split the rate
   # is chosen on ("train[N-val:]"; the runs train on "train[:N-val]"); 0 = none.
   val_images: int = 0
@@ -116,7 +119,7 @@ class Budget:
 
 SIZE_KEYS = ("steps", "trained_trunk_steps", "eval_every_steps", "width_multiplier", "num_train", "num_test", "batch_size")
 # Keys of the settled study's budget, in its results file only (the first study's file predates them).
-SETTLED_KEYS = ("lrs", "val_images")
+SETTLED_KEYS = ("lrs", "variant_lrs", "val_images")
 # The validation metric a variant's learning rate is chosen on: mAP@0.5 over all sizes, so that the
 # choice does not look at the tiny-object AP the verdict compares.
 SELECT_ON = "all"
@@ -377,7 +380,7 @@ def run_ablations(out, workdir, data_dir=""):
     if (r["family"] != "mdssd" or key in have
         or VARIANTS[r["variant"]][1].get("fusion_deep_branch", True) is False):
       continue     # (a block without its deep branch has no branch to switch off)
-    if r.get("lr") is not None and r["lr"] != chosen_lr(results["runs"], r["variant"], r["data"],
+    if budget.lrs and r["lr"] != chosen_lr(results["runs"], r["variant"], r["data"],
                                                         tuple(float(x) for x in budget.lrs),
                                                         min(x["seed"] for x in results["runs"])):
       continue     # a swept rate that was not chosen
@@ -445,6 +448,27 @@ def save_results(path, results):
   os.replace(tmp, path)   # atomic: a kill never leaves half a file
 
 
+def steps_out(steps):
+  """The results file of the settled study's chosen rates at `steps` steps."""
+  return os.path.join("benchmarks", "results", f"study_settled_{steps}steps.json")
+
+
+def at_steps(budget, steps, sweep_results):
+  """`budget` (a sweep) turned into every variant at its chosen rate for `steps` steps, the rates
+  read from `sweep_results`; eight evaluations per run. Raises ValueError naming the variants whose
+  sweep is not finished."""
+  runs = sweep_results.get("runs", [])
+  lrs = tuple(float(x) for x in budget.lrs)
+  first = budget.seeds[0]
+  rates = {v: chosen_lr(runs, v, d, lrs, first) for v in budget.variants for d in budget.data}
+  missing = [v for v, lr in rates.items() if lr is None]
+  if missing:
+    raise ValueError(f"--steps needs the chosen rates of {missing}: their sweep is not finished in "
+                     "the --rates_from results (run --settled first)")
+  return dataclasses.replace(budget, steps=int(steps), eval_every_steps=max(1, int(steps) // 8),
+                             lrs=(), variant_lrs=tuple(sorted(rates.items())))
+
+
 def run_key(run):
   """(variant, data, init, seed, lr) of a results entry; lr None for a run at the recipe's rate."""
   return (run["variant"], run["data"], run["init"], run["seed"], run.get("lr"))
@@ -472,6 +496,11 @@ def planned_runs(budget, runs=()):
   """
   plan = []
   for data in budget.data:
+    if budget.variant_lrs:
+      rates = dict(budget.variant_lrs)
+      for seed in budget.seeds:
+        plan += [(v, data, "scratch", seed, float(rates[v])) for v in budget.variants]
+      continue
     if budget.lrs:
       first, others = budget.seeds[0], budget.seeds[1:]
       for v in budget.variants:
@@ -499,14 +528,17 @@ def run_study(budget, out, workdir, data_dir="", workers=1):
   once its trunk's source run has finished.
   """
   results = load_results(out)
-  if budget.lrs and budget.trained_trunk_variants:
-    raise ValueError("a learning-rate sweep (budget.lrs) trains from scratch only: set "
-                     "trained_trunk_variants=()")
+  if (budget.lrs or budget.variant_lrs) and budget.trained_trunk_variants:
+    raise ValueError("a study with its own learning rates (budget.lrs, budget.variant_lrs) trains "
+                     "from scratch only: set trained_trunk_variants=()")
+  missing = [v for v in budget.variants if budget.variant_lrs and v not in dict(budget.variant_lrs)]
+  if missing:
+    raise ValueError(f"no learning rate for {missing} in budget.variant_lrs {budget.variant_lrs}")
   this_recipe = recipe(variant_config("ssd", budget.data[0], budget, 0))
   # What makes runs comparable; which variants, seeds and data a sitting runs may grow.
   this_budget = {k: getattr(budget, k) for k in SIZE_KEYS}
-  this_budget.update({k: list(getattr(budget, k)) if isinstance(getattr(budget, k), tuple)
-                      else getattr(budget, k) for k in SETTLED_KEYS if getattr(budget, k)})
+  this_budget.update({k: json.loads(json.dumps(getattr(budget, k))) for k in SETTLED_KEYS
+                      if getattr(budget, k)})
   for key, value in (("recipe", this_recipe), ("budget", this_budget)):
     if results[key] not in (None, value):
       raise ValueError(f"{out} holds runs of another {key} ({results[key]}) than this study's "
@@ -705,8 +737,13 @@ def tables(results):
                  f"{budget['width_multiplier']:g}, {budget['num_train']} training / "
                  f"{budget['num_test']} test images, evaluated every {budget['eval_every_steps']} "
                  f"steps.")
-  settled = bool(budget.get("lrs"))
-  if settled:
+  settled = bool(budget.get("lrs") or budget.get("variant_lrs"))
+  if budget.get("variant_lrs"):
+    lines.append("Each variant at its rate chosen by the settled study's sweep: "
+                 + ", ".join(f"`{v}` {lr:g}" for v, lr in budget["variant_lrs"])
+                 + (f"; validation on {budget['val_images']} held-out training images"
+                    if budget.get("val_images") else "") + ".")
+  if budget.get("lrs"):
     lines.append(f"Learning rates swept on seed {min(r['seed'] for r in results['runs'])} of every "
                  f"variant: {', '.join(f'{x:g}' for x in budget['lrs'])}; chosen on validation "
                  f"mAP@0.5 over {budget['val_images']} generated training images held out of "
@@ -714,7 +751,7 @@ def tables(results):
                  "the recipe's `train.base_lr` above is replaced by each variant's chosen rate.")
   for (data, init), by_variant in groups(results).items():
     lines.append("")
-    if settled:
+    if budget.get("lrs"):
       lines.extend(sweep_table(results, data))
       lines.append("")
     lines.append(f"**{data} data, {init.replace('_', ' ')}** (AP@0.5, VOC area rule, mean ± std over "
@@ -915,6 +952,12 @@ def main():
                       help="the settled study: a learning-rate sweep per variant chosen on held-out "
                            "training images, then the other seeds at each variant's rate")
   parser.add_argument("--workdir", default=DEFAULT_WORKDIR, help="one training folder per run here")
+  parser.add_argument("--steps", type=int, default=0,
+                      help="with --settled: every variant and seed at its chosen rate (from the "
+                           f"settled study's results, --rates_from) for this many steps instead of "
+                           "the sweep's 600, into its own results file")
+  parser.add_argument("--rates_from", default=SETTLED_OUT,
+                      help="the settled study's results whose chosen rates --steps uses")
   parser.add_argument("--plot", default=None,
                       help=f"learning-curve plot; default {DEFAULT_PLOT} for the default --out, "
                            "else the --out path with .png")
@@ -936,13 +979,18 @@ def main():
     sys.exit(one_run(json.loads(args.one_run)))
   if args.workers < 1:
     parser.error(f"--workers={args.workers}: must be at least 1")
-  args.out = args.out or (SETTLED_OUT if args.settled else DEFAULT_OUT)
+  if args.steps and not args.settled:
+    parser.error("--steps needs --settled")
+  settled_out = SETTLED_OUT if not args.steps else steps_out(args.steps)
+  args.out = args.out or (settled_out if args.settled else DEFAULT_OUT)
   defaults = {os.path.abspath(DEFAULT_OUT): DEFAULT_PLOT, os.path.abspath(SETTLED_OUT): SETTLED_PLOT}
   plot_path = args.plot or defaults.get(os.path.abspath(args.out),
                                         os.path.splitext(args.out)[0] + ".png")
   if not args.table:
     if args.settled:
       budget = QUICK_SETTLED if args.quick else SETTLED
+      if args.steps:
+        budget = at_steps(budget, args.steps, load_results(args.rates_from))
     else:
       budget = QUICK if args.quick else FULL
     if args.data:

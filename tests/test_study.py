@@ -306,3 +306,20 @@ def test_branch_off_makes_a_fusion_block_blind_to_that_branch(branch):
   assert not np.allclose(apply(params, shallow, deep), apply(params, *changed))
   assert np.all(np.asarray(params["fusion1"][f"{branch}_norm"]["scale"]) == 20.0)  # not modified
   assert off["head"] is params["head"]
+
+
+def test_at_steps_trains_every_seed_at_each_variants_chosen_rate():
+  """--settled --steps: the rates come from the sweep's validation mAP, chosen here by hand."""
+  budget = study.QUICK_SETTLED
+  val = {("ssd_fine", 2e-3): 0.4, ("ssd_fine", 1e-2): 0.7,
+         ("mdssd_bn_shallow", 2e-3): 0.6, ("mdssd_bn_shallow", 1e-2): 0.6}   # a tie: the smaller
+  runs = [dict(_fake_run(v, "x", 0, 0.5), lr=lr, val=dict(all=a, tiny=0.1, small=0.1, medium=0.1))
+          for (v, lr), a in val.items()]
+  longer = study.at_steps(budget, 40, {"runs": runs})
+  assert dict(longer.variant_lrs) == {"ssd_fine": 1e-2, "mdssd_bn_shallow": 2e-3}
+  assert longer.steps == 40 and longer.eval_every_steps == 5 and longer.lrs == ()
+  assert study.planned_runs(longer) == [
+      (v, "shape", "scratch", seed, dict(longer.variant_lrs)[v])
+      for seed in budget.seeds for v in budget.variants]
+  with pytest.raises(ValueError, match="mdssd_bn_shallow"):
+    study.at_steps(budget, 40, {"runs": runs[:2]})
