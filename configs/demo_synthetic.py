@@ -7,10 +7,11 @@ three Fusion Blocks upsampling 8x, seven heads) at 1/8 width on 192 px images, s
 two CPU cores; objects are 8-40 px, as small relative to the image as VOC's small objects at 300 px,
 and a class is its shape alone (the data set's default), so the detector must see outlines.
 
-What makes 600 steps enough (docs/results.md, "The CPU demo", measured on shape-only data): AdamW at a high
-learning rate for a batch-norm net (6e-3, warm-up 50 steps) and up to 24 objects per image (more
-positive default boxes per step at the same compute). The learning rate, schedule and object count
-are the demo's; the paper configs keep Caffe's SGD recipe.
+What makes it learn in minutes (docs/results.md, "The CPU demo", measured on shape-only data):
+AdamW at a high learning rate for a batch-norm net (6e-3, warm-up 50 steps) and up to 24 objects per
+image (more positive default boxes per step at the same compute). 800 steps (600 until the CPU step
+got faster): at 600 the three seeds reached 0.903-0.946 mAP, at 800 0.953-0.975. The learning rate,
+schedule and object count are the demo's; the paper configs keep Caffe's SGD recipe.
 """
 
 from configs import common
@@ -62,10 +63,12 @@ def get_config():
   c.train.weight_decay = 1e-4
   c.train.global_batch_size = 8
   c.train.reference_batch_size = 8
-  c.train.num_steps = 600
+  # 800 steps, decays at 3/4 and 11/12 of them: mAP >= 0.95 at each of seeds 0, 1, 2 (0.903 at
+  # seed 0 with 600 steps and decays at 450, 550).
+  c.train.num_steps = 800
   c.train.warmup_steps = 50
   c.train.warmup_factor = 0.1
-  c.train.lr_decay_steps = (450, 550)
+  c.train.lr_decay_steps = (600, 733)
   c.train.log_every_steps = 50
   c.train.checkpoint_every_steps = 200
   c.evals.voc = common.voc_eval(use_07_metric=False, every_steps=200)

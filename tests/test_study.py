@@ -1,6 +1,7 @@
 """The small-object study's machinery (benchmarks/study_small_objects.py): the JSON it writes and
 the tables made from it. Accuracy is not tested; the toy runs train for four steps."""
 
+import dataclasses
 import json
 import math
 import os
@@ -270,16 +271,16 @@ def test_mdssd_is_the_paper_fusion_on_a_batch_norm_trunk():
     assert ("bias" in fusion["out_conv"]) == (not fusion_bn)
 
 
-def test_runs_follow_the_demo_schedule_stretched_to_their_steps():
-  """Warm-up and learning-rate decays sit at the same fractions of a run as in the demo's schedule."""
-  from configs import demo_synthetic
-  demo = demo_synthetic.get_config().train
-  for init, steps in (("scratch", study.FULL.steps), ("trained_trunk", study.FULL.trained_trunk_steps)):
-    train_cfg = study.variant_config("mdssd_bn", "shape", study.FULL, 0, init=init).train
+def test_runs_follow_the_study_schedule_stretched_to_their_steps():
+  """Warm-up and learning-rate decays sit at the same fractions of every run: warm-up 50 and decays
+  at 450 and 550 of 600 steps (the 600-step demo schedule the studies ran on)."""
+  for init, steps in (("scratch", study.FULL.steps), ("trained_trunk", study.FULL.trained_trunk_steps),
+                      ("scratch", 1200)):
+    budget = dataclasses.replace(study.FULL, steps=steps) if steps == 1200 else study.FULL
+    train_cfg = study.variant_config("mdssd_bn", "shape", budget, 0, init=init).train
     assert train_cfg.num_steps == steps
-    assert train_cfg.warmup_steps == round(demo.warmup_steps * steps / demo.num_steps)
-    assert list(train_cfg.lr_decay_steps) == [round(s * steps / demo.num_steps)
-                                              for s in demo.lr_decay_steps]
+    assert train_cfg.warmup_steps == round(50 * steps / 600)
+    assert list(train_cfg.lr_decay_steps) == [round(450 * steps / 600), round(550 * steps / 600)]
 
 
 @pytest.mark.parametrize("branch", study.BRANCHES)
