@@ -385,9 +385,9 @@ def run_ablations(out, workdir, data_dir=""):
     if (r["family"] != "mdssd" or key in have
         or VARIANTS[r["variant"]][1].get("fusion_deep_branch", True) is False):
       continue     # (a block without its deep branch has no branch to switch off)
+    sweep_seed = min(x["seed"] for x in results["runs"])
     if budget.lrs and r["lr"] != chosen_lr(results["runs"], r["variant"], r["data"],
-                                                        tuple(float(x) for x in budget.lrs),
-                                                        min(x["seed"] for x in results["runs"])):
+                                           tuple(float(x) for x in budget.lrs), sweep_seed):
       continue     # a swept rate that was not chosen
     name = run_name(*run_key(r))
     run_dir = os.path.join(workdir, name)
