@@ -23,6 +23,7 @@ EXPECTED_METRICS = {"mAP": 0.0030340861870547333, "AP/circle": 0.0, "AP/square":
 
 # The regression model: tiny_mdssd with SSD heads, as a config file main.py can load.
 CONFIG_SOURCE = '''
+from configs import tiny_mdssd
 
 def get_config():
   c = tiny_mdssd.get_config()
