@@ -264,7 +264,8 @@ def test_two_processes_train_together(data_dir, tmp_path):
                           f"--process_id={pid}"] for pid in range(2)], tmp_path)
   for code, _, err in outs:
     assert code == 0, err[-4000:]
-  assert "process 0 of 2" in outs[0][2] and "process 1 of 2" in outs[1][2]
+  # The run's own lines (logging INFO included) go to stdout, the console's one channel.
+  assert "process 0 of 2" in outs[0][1] and "process 1 of 2" in outs[1][1]
   results = [json.loads(l) for l in open(os.path.join(workdir, "eval_results.jsonl"))]
   assert len(results) == 1 and results[0]["step"] == 3   # written once, by process 0
   assert sorted(train_losses(workdir)) == [1, 2, 3]
