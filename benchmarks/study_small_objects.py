@@ -376,8 +376,8 @@ def run_ablations(out, workdir, data_dir=""):
   if not results["runs"]:
     return results
   _use_compile_cache(workdir)
-  budget = Budget(**{k: tuple(v) if isinstance(v, list) else v
-                      for k, v in results["budget"].items()}, seeds=())
+  budget = budget_from_json(results["budget"], seeds=())
+  rates = chosen_rates(results)
   have = {(a["variant"], a["data"], a["init"], a["seed"]) for a in results.get("ablation", [])}
   new = []
   for r in results["runs"]:
@@ -385,9 +385,7 @@ def run_ablations(out, workdir, data_dir=""):
     if (r["family"] != "mdssd" or key in have
         or VARIANTS[r["variant"]][1].get("fusion_deep_branch", True) is False):
       continue     # (a block without its deep branch has no branch to switch off)
-    sweep_seed = min(x["seed"] for x in results["runs"])
-    if budget.lrs and r["lr"] != chosen_lr(results["runs"], r["variant"], r["data"],
-                                           tuple(float(x) for x in budget.lrs), sweep_seed):
+    if budget.lrs and r["lr"] != rates[(r["variant"], r["data"])]:
       continue     # a swept rate that was not chosen
     name = run_name(*run_key(r))
     run_dir = os.path.join(workdir, name)
@@ -462,16 +460,36 @@ def at_steps(budget, steps, sweep_results):
   """`budget` (a sweep) turned into every variant at its chosen rate for `steps` steps, the rates
   read from `sweep_results`; eight evaluations per run. Raises ValueError naming the variants whose
   sweep is not finished."""
-  runs = sweep_results.get("runs", [])
-  lrs = tuple(float(x) for x in budget.lrs)
-  first = budget.seeds[0]
-  rates = {v: chosen_lr(runs, v, d, lrs, first) for v in budget.variants for d in budget.data}
+  chosen = chosen_rates(dict(sweep_results, budget={"lrs": list(budget.lrs)}))
+  # One rate per variant: the first data set's (the settled study runs one).
+  rates = {v: chosen.get((v, budget.data[0])) for v in budget.variants}
   missing = [v for v, lr in rates.items() if lr is None]
   if missing:
     raise ValueError(f"--steps needs the chosen rates of {missing}: their sweep is not finished in "
                      "the --rates_from results (run --settled first)")
   return dataclasses.replace(budget, steps=int(steps), eval_every_steps=max(1, int(steps) // 8),
                              lrs=(), variant_lrs=tuple(sorted(rates.items())))
+
+
+def budget_from_json(fields, **overrides):
+  """A Budget from its JSON form (a results file's "budget", a child's spec): lists back to tuples."""
+  return Budget(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}, **overrides)
+
+
+def sweep_seed(runs):
+  """The seed a learning-rate sweep ran every rate on: the first seed, the smallest in the results."""
+  return min(r["seed"] for r in runs)
+
+
+def chosen_rates(results):
+  """{(variant, data): the rate `chosen_lr` picks from the results' sweep, None while unfinished}
+  for every variant and data set with runs in `results` (its budget's "lrs" are the rates swept)."""
+  runs = results["runs"]
+  lrs = tuple(float(x) for x in (results.get("budget") or {}).get("lrs", ()))
+  if not runs or not lrs:
+    return {}
+  first = sweep_seed(runs)
+  return {(r["variant"], r["data"]): chosen_lr(runs, r["variant"], r["data"], lrs, first) for r in runs}
 
 
 def run_key(run):
@@ -647,7 +665,7 @@ def one_run(spec):
   orphan_guard.watch_parent(os.getppid())    # the study was killed: stop too
   workdir, data_dir = spec["workdir"], spec["data_dir"]
   _use_compile_cache(workdir)
-  budget = Budget(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["budget"].items()})
+  budget = budget_from_json(spec["budget"])
   variant, data, init, seed, lr = spec["key"]
   config = variant_config(variant, data, budget, seed, data_dir, init, lr)
   run_dir = os.path.join(workdir, run_name(variant, data, init, seed, lr))
@@ -711,14 +729,10 @@ def _fmt(mean, std):
 def selected_runs(results):
   """The runs the tables compare: all of them, or in a learning-rate sweep those at the rate chosen
   for their variant (`chosen_lr`) only."""
-  lrs = tuple(float(x) for x in (results.get("budget") or {}).get("lrs", ()))
-  runs = results["runs"]
-  if not lrs or not runs:
-    return list(runs)
-  first = min(r["seed"] for r in runs)
-  chosen = {(r["variant"], r["data"]): chosen_lr(runs, r["variant"], r["data"], lrs, first)
-            for r in runs}
-  return [r for r in runs if r.get("lr") == chosen[(r["variant"], r["data"])]]
+  if not (results.get("budget") or {}).get("lrs"):
+    return list(results["runs"])
+  rates = chosen_rates(results)
+  return [r for r in results["runs"] if r.get("lr") == rates[(r["variant"], r["data"])]]
 
 
 def groups(results):
@@ -749,7 +763,7 @@ def tables(results):
                  + (f"; validation on {budget['val_images']} held-out training images"
                     if budget.get("val_images") else "") + ".")
   if budget.get("lrs"):
-    lines.append(f"Learning rates swept on seed {min(r['seed'] for r in results['runs'])} of every "
+    lines.append(f"Learning rates swept on seed {sweep_seed(results['runs'])} of every "
                  f"variant: {', '.join(f'{x:g}' for x in budget['lrs'])}; chosen on validation "
                  f"mAP@0.5 over {budget['val_images']} generated training images held out of "
                  f"training (the runs train on the other {budget['num_train'] - budget['val_images']}); "
@@ -807,9 +821,9 @@ def ablation_table(ablation):
 def sweep_table(results, data):
   """Markdown lines: validation mAP@0.5 (and tiny AP) of every swept rate, per variant, the chosen
   rate in bold."""
-  budget = results["budget"]
-  lrs = tuple(float(x) for x in budget["lrs"])
-  first = min(r["seed"] for r in results["runs"])
+  lrs = tuple(float(x) for x in results["budget"]["lrs"])
+  first = sweep_seed(results["runs"])
+  rates = chosen_rates(results)
   lines = [f"Learning-rate sweep, {data} data, seed {first}: validation mAP@0.5 (validation tiny AP)",
            "", "| variant | " + " | ".join(f"lr {x:g}" for x in lrs) + " | chosen |",
            "|---|" + "---|" * (len(lrs) + 1)]
@@ -818,7 +832,7 @@ def sweep_table(results, data):
   for variant in variants:
     by_lr = {r["lr"]: r for r in results["runs"]
              if (r["variant"], r["data"], r["seed"]) == (variant, data, first) and "val" in r}
-    best = chosen_lr(results["runs"], variant, data, lrs, first)
+    best = rates[(variant, data)]
     cells = []
     for lr in lrs:
       if lr not in by_lr:
@@ -959,7 +973,7 @@ def main():
   parser.add_argument("--workdir", default=DEFAULT_WORKDIR, help="one training folder per run here")
   parser.add_argument("--steps", type=int, default=0,
                       help="with --settled: every variant and seed at its chosen rate (from the "
-                           f"settled study's results, --rates_from) for this many steps instead of "
+                           "settled study's results, --rates_from) for this many steps instead of "
                            "the sweep's 600, into its own results file")
   parser.add_argument("--rates_from", default=SETTLED_OUT,
                       help="the settled study's results whose chosen rates --steps uses")

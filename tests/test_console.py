@@ -101,6 +101,9 @@ def test_progress_rejects_bad_config():
 def test_format_duration():
   assert [progress.format_duration(s) for s in (None, 4.4, 59.6, 754, 45296)] == \
       ["--", "4s", "1m00s", "12m34s", "12h34m"]
+  # Data preparation's lines keep tenths below a minute.
+  assert [progress.format_duration(s, tenths_below_a_minute=True) for s in (0.04, 4.44, 59.96, 754)] == \
+      ["0.0s", "4.4s", "1m00s", "12m34s"]
 
 
 def test_run_summary_table():

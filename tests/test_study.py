@@ -22,12 +22,16 @@ QUICK_VARIANTS = ("ssd", "mdssd_bn")
 
 @pytest.fixture(scope="module")
 def quick_study(tmp_path_factory):
-  """Runs `--quick` on two variants into a tmp folder; returns (results dict, folder)."""
-  folder = tmp_path_factory.mktemp("study")
-  out = os.path.join(folder, "study.json")
+  """Runs `--quick` on two variants into a tmp folder; returns (results dict, folder, stdout)."""
   # Two workers: the runs train side by side, and the trained-trunk run must wait for its source.
-  cmd = [sys.executable, "-m", "benchmarks.study_small_objects", "--quick", "--workers=2",
-         f"--variants={','.join(QUICK_VARIANTS)}", f"--out={out}",
+  return _run_study(tmp_path_factory.mktemp("study"), "study.json", "--quick", "--workers=2",
+                    f"--variants={','.join(QUICK_VARIANTS)}")
+
+
+def _run_study(folder, out_name, *flags):
+  """Runs the study script with `flags` into `folder`; returns (results dict, folder, stdout)."""
+  out = os.path.join(folder, out_name)
+  cmd = [sys.executable, "-m", "benchmarks.study_small_objects", *flags, f"--out={out}",
          f"--workdir={os.path.join(folder, 'runs')}", f"--data_dir={os.path.join(folder, 'tfds')}"]
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
   assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
@@ -110,15 +114,8 @@ SETTLED_VARIANT = "mdssd_bn_shallow"
 @pytest.fixture(scope="module")
 def settled_study(tmp_path_factory):
   """`--settled --quick` on one variant: two rates on seed 0, then seed 1 at the chosen one."""
-  folder = tmp_path_factory.mktemp("settled")
-  out = os.path.join(folder, "settled.json")
-  cmd = [sys.executable, "-m", "benchmarks.study_small_objects", "--settled", "--quick",
-         "--workers=2", f"--variants={SETTLED_VARIANT}", f"--out={out}",
-         f"--workdir={os.path.join(folder, 'runs')}", f"--data_dir={os.path.join(folder, 'tfds')}"]
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
-  assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-  with open(out) as f:
-    return json.load(f), str(folder), proc.stdout
+  return _run_study(tmp_path_factory.mktemp("settled"), "settled.json", "--settled", "--quick",
+                    "--workers=2", f"--variants={SETTLED_VARIANT}")
 
 
 def test_settled_study_sweeps_on_the_first_seed_and_trains_the_others_at_the_best_rate(settled_study):

@@ -17,6 +17,8 @@ import os
 import time
 from typing import Any, Dict, Iterable, Iterator, Mapping, Optional
 
+from mdssd_jax.core.durations import format_duration
+
 REPORT_FILE = "prepare_report.json"
 POLICIES = ("error", "skip")
 # How many file names a counter keeps in the report (the count itself is always exact).
@@ -58,16 +60,9 @@ def _counted(split, examples, clock=time.monotonic):
     if now - last >= STATUS_EVERY_S:
       last = now
       status.debug("preparing data: generating %s: %d examples, %s", split, count,
-                   _duration(now - start))
+                   format_duration(now - start, tenths_below_a_minute=True))
   logging.info("preparing data: generating %s: %d examples in %s", split, count,
-               _duration(clock() - start))
-
-
-def _duration(seconds: float) -> str:
-  """4.04 -> "4.0s", 754 -> "12m34s"."""
-  if seconds < 60:
-    return f"{seconds:.1f}s"
-  return f"{int(seconds) // 60}m{int(seconds) % 60:02d}s"
+               format_duration(clock() - start, tenths_below_a_minute=True))
 
 
 def check_policy(bad_annotations: str) -> str:

@@ -55,7 +55,7 @@ def flatten_predictions(predictions: Sequence[Mapping[str, Any]]) -> Dict[str, n
   Returns: dict image (D,) int64 index into `predictions`, boxes (D, 4) float64 pixels xyxy,
   scores (D,) float64, labels (D,) int64, in input order (image by image).
   """
-  boxes, scores, labels, counts = [], [], [], []
+  rows = []
   for i, p in enumerate(predictions):
     where = f"predictions[{i}]"
     b = _field(p, "boxes", where).reshape(-1, 4).astype(np.float64)
@@ -63,14 +63,9 @@ def flatten_predictions(predictions: Sequence[Mapping[str, Any]]) -> Dict[str, n
     l = _field(p, "labels", where).reshape(-1).astype(np.int64)
     if not len(b) == len(s) == len(l):
       raise ValueError(f"{where}: {len(b)} boxes, {len(s)} scores, {len(l)} labels; need one each")
-    boxes.append(b)
-    scores.append(s)
-    labels.append(l)
-    counts.append(len(b))
-  return dict(image=np.repeat(np.arange(len(predictions)), counts),
-              boxes=np.concatenate(boxes) if boxes else np.zeros((0, 4)),
-              scores=np.concatenate(scores) if scores else np.zeros((0,)),
-              labels=np.concatenate(labels) if labels else np.zeros((0,), np.int64))
+    rows.append(dict(boxes=b, scores=s, labels=l))
+  return _flat_table(rows, boxes=np.zeros((0, 4)), scores=np.zeros((0,)),
+                     labels=np.zeros((0,), np.int64))
 
 
 def flatten_ground_truths(ground_truths: Sequence[Mapping[str, Any]]) -> Dict[str, np.ndarray]:
@@ -79,7 +74,7 @@ def flatten_ground_truths(ground_truths: Sequence[Mapping[str, Any]]) -> Dict[st
   `difficult` may be left out (all False). Returns: dict image (G,) int64, boxes (G, 4) float64
   pixels xyxy, labels (G,) int64, difficult (G,) bool.
   """
-  boxes, labels, difficult, counts = [], [], [], []
+  rows = []
   for i, g in enumerate(ground_truths):
     where = f"ground_truths[{i}]"
     b = _field(g, "boxes", where).reshape(-1, 4).astype(np.float64)
@@ -88,14 +83,17 @@ def flatten_ground_truths(ground_truths: Sequence[Mapping[str, Any]]) -> Dict[st
          else np.zeros(len(b), bool))
     if not len(b) == len(l) == len(d):
       raise ValueError(f"{where}: {len(b)} boxes, {len(l)} labels, {len(d)} difficult flags; need one each")
-    boxes.append(b)
-    labels.append(l)
-    difficult.append(d)
-    counts.append(len(b))
-  return dict(image=np.repeat(np.arange(len(ground_truths)), counts),
-              boxes=np.concatenate(boxes) if boxes else np.zeros((0, 4)),
-              labels=np.concatenate(labels) if labels else np.zeros((0,), np.int64),
-              difficult=np.concatenate(difficult) if difficult else np.zeros((0,), bool))
+    rows.append(dict(boxes=b, labels=l, difficult=d))
+  return _flat_table(rows, boxes=np.zeros((0, 4)), labels=np.zeros((0,), np.int64),
+                     difficult=np.zeros((0,), bool))
+
+
+def _flat_table(rows, **empty):
+  """Per-image dicts of equally long arrays -> one table with an `image` index column; `empty`
+  gives each column's value (shape, dtype) when there are no images."""
+  counts = [len(r["boxes"]) for r in rows]
+  table = {k: (np.concatenate([r[k] for r in rows]) if rows else e) for k, e in empty.items()}
+  return dict(image=np.repeat(np.arange(len(rows)), counts), **table)
 
 
 def best_ground_truth(det_image: np.ndarray, det_boxes: np.ndarray, gt_image: np.ndarray,

@@ -17,6 +17,8 @@ import threading
 import time
 from typing import Any, Callable, Dict, IO, Mapping, Optional, Tuple
 
+from mdssd_jax.core.durations import format_duration
+
 # The live line, if any (at most one per process): a Progress bar or a _StatusLine.
 _ACTIVE: Dict[str, Any] = {"bar": None}
 
@@ -48,18 +50,6 @@ def say(*lines: str, stream: Optional[IO[str]] = None) -> None:
   clear_active_line()
   stream.write("\n".join(str(line) for line in lines) + "\n")
   stream.flush()
-
-
-def format_duration(seconds: Optional[float]) -> str:
-  """12.3 -> "12s", 754 -> "12m34s", 45296 -> "12h34m"; None/NaN -> "--"."""
-  if seconds is None or seconds != seconds or seconds == float("inf"):
-    return "--"
-  seconds = int(round(max(0.0, seconds)))
-  if seconds < 60:
-    return f"{seconds}s"
-  if seconds < 3600:
-    return f"{seconds // 60}m{seconds % 60:02d}s"
-  return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
 
 
 def _format_number(value: float) -> str:
