@@ -313,9 +313,3 @@ def configure(level: int) -> None:
   # The live status line (DEBUG records) only where the console handler draws it.
   logging.getLogger(data_report.STATUS_LOGGER).setLevel(logging.DEBUG if level <= 0
                                                         else logging.INFO)
-
-
-def hidden_line_count() -> int:
-  """How many library records the filter has hidden so far (for tests and the -v hint)."""
-  flt = _state["filter"]
-  return flt.hidden if flt is not None else 0
