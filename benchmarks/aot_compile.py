@@ -4,6 +4,7 @@
     python -m benchmarks.aot_compile --config=configs/mdssd300_voc.py --topology=v5e:2x2 \
         --per_chip_batch=32 --dtype=bfloat16
     python -m benchmarks.aot_compile --table         # the docs/accelerators.md table from the results file
+    python -m benchmarks.aot_compile --breakdown=2,32   # HBM bytes by part (compile both batches first)
 
 `jax.experimental.topologies.get_topology_desc` describes the chips of a slice (`v5e:2x2`, the
 256-chip `v5e:16x16`, `v5p:2x2x1`, `v4:2x2x1`, ...); `train.jit_train_step` -- the same jit, shardings
@@ -143,6 +144,123 @@ def collectives_by_kind(collectives):
   return {k: dict(v, shapes=dict(v["shapes"])) for k, v in sorted(table.items())}
 
 
+# ---- What moves the bytes: the compiled program's buffers by memory space and by model part ------
+#
+# cost_analysis()'s "bytes accessed" adds up the operands and results of every instruction wherever
+# they live. XLA:TPU keeps many in on-chip memory (VMEM: a layout with memory space S(1)) and
+# streams others in with copy-start / slice-start, so that count is not HBM traffic. `hlo_traffic`
+# re-counts from the compiled HLO text: each instruction's operands and results, padded to their
+# layout's tiles (T(8,128): a 64-channel bf16 map takes 128 lanes), split into HBM (no memory space)
+# and on-chip, and the HBM part per model part (from each instruction's op_name).
+
+_INSTRUCTION_LINE = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*?)\s+([a-z][\w\-]*)\((.*)$")
+_TYPED_SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16|f8\w*|c\d+)\[([\d,]*)\](\{[^}]*\})?")
+_COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
+# Instructions that move no data of their own (aliases, bookkeeping, control flow whose bodies are
+# counted as computations), and the -done halves of async pairs (counted at their -start).
+_NO_TRAFFIC = ("parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while",
+               "conditional", "call", "after-all", "partition-id", "replica-id", "opt-barrier")
+
+
+def tiled_bytes(dtype, dims, layout):
+  """Bytes of one array as laid out: each tiled dimension rounded up to its tile ("T(8,128)": the
+  minor dimension to 128, the next to 8)."""
+  size = _BYTES.get(dtype) or max(1, int(re.sub(r"\D", "", dtype) or 8) // 8)
+  dims = [int(d) for d in dims.split(",") if d]
+  tile = re.search(r"T\((\d+)(?:,(\d+))?\)", layout or "")
+  order = re.match(r"\{([\d,]*)", layout or "")
+  if tile and dims and order and order.group(1):
+    minor_to_major = [int(d) for d in order.group(1).split(",")]
+    sizes = [int(t) for t in tile.groups() if t]
+    for axis, t in zip(minor_to_major, reversed(sizes)):
+      dims[axis] = -(-dims[axis] // t) * t
+  for d in dims:
+    size *= d
+  return size
+
+
+def _by_space(shapes_text):
+  """(HBM bytes, on-chip bytes) of the arrays named in an HLO type string."""
+  hbm = on_chip = 0
+  for dtype, dims, layout in _TYPED_SHAPE.findall(shapes_text):
+    b = tiled_bytes(dtype, dims, layout)
+    if re.search(r"S\((\d+)\)", layout or ""):
+      on_chip += b
+    else:
+      hbm += b
+  return hbm, on_chip
+
+
+def model_part(op_name):
+  """The part of the train step an op_name belongs to: "forward conv1" ... "forward conv5" (the VGG
+  stages), "forward pools", "forward conv6-7", "forward extra layers", "forward fusion1" ..., "forward
+  heads" (every loc / conf conv), "forward head outputs" (their reshapes and concatenation), the same
+  with "backward", "matching + loss", "optimizer + update", or "state and compiler copies"."""
+  if "SSD" in op_name:
+    m = re.search(r"SSD\)*/(\w+)(?:/(\w+))?", op_name)
+    module, inner = (m.group(1), m.group(2) or "") if m else ("", "")
+    if re.search(r"_(conf|loc)$", module):
+      part = "heads"
+    elif module == "vgg":
+      stage = re.match(r"conv(\d+)", inner)
+      part = ("pools" if not stage else f"conv{stage.group(1)}" if int(stage.group(1)) <= 5
+              else "conv6-7")
+    elif re.match(r"conv\d+_\d+$", module):
+      part = "extra layers"
+    elif module.startswith("fusion"):
+      part = module
+    else:   # reshape, split, concatenate, convert_element_type of the heads' outputs
+      part = "head outputs"
+    return ("backward " if "transpose(" in op_name else "forward ") + part
+  if "shard_map" in op_name:
+    return "matching + loss"
+  if op_name.startswith("state[") or not op_name:
+    return "state and compiler copies"
+  return "optimizer + update"
+
+
+def hlo_traffic(hlo_text):
+  """{"hbm": bytes, "on_chip": bytes, "parts": {model_part: HBM bytes}} of a compiled program.
+
+  Every instruction of the entry computation and of the computations it calls as control flow
+  (fused computations are inside their fusion), operands plus results; copy-start / slice-start
+  count their source and destination once. Loop bodies count once (their state lives on chip here).
+  """
+  computations, current = {}, None
+  for line in hlo_text.splitlines():
+    m = _COMPUTATION.match(line) if not line.startswith(" ") else None
+    if m:
+      current = computations.setdefault(m.group(2), [])
+    elif line.startswith("}"):
+      current = None
+    elif current is not None:
+      current.append(line)
+  inside = set(re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", hlo_text))
+  total = dict(hbm=0, on_chip=0)
+  parts = collections.Counter()
+  for name, lines in computations.items():
+    if name in inside:
+      continue
+    parsed = [m.groups() for m in map(_INSTRUCTION_LINE.match, lines) if m]
+    types = {p[0]: p[1] for p in parsed}
+    names = {p[0]: (re.search(r'op_name="([^"]*)"', line) or [None, ""])[1]
+             for p, line in zip(parsed, (l for l in lines if _INSTRUCTION_LINE.match(l)))}
+    for instr, result_type, op, rest in parsed:
+      if op in _NO_TRAFFIC or op.endswith("-done"):
+        continue
+      operands = re.findall(r"%([\w.\-]+)", rest.split("), ")[0])
+      operand_text = " ".join(types.get(o, "") for o in operands)
+      if op.endswith("-start"):   # the result tuple repeats the operands: count the rest once
+        result_type = result_type.replace(operand_text, "", 1) if operand_text else result_type
+      hbm_in, chip_in = _by_space(operand_text)
+      hbm_out, chip_out = _by_space(result_type)
+      total["hbm"] += hbm_in + hbm_out
+      total["on_chip"] += chip_in + chip_out
+      op_name = names.get(instr) or (names.get(operands[0], "") if operands else "")
+      parts[model_part(op_name)] += hbm_in + hbm_out
+  return dict(total, parts=dict(parts.most_common()))
+
+
 def load_config(name, dtype=None, remat=None):
   """A config by module name or path ("mdssd300_voc", "configs/mdssd300_voc.py")."""
   module = os.path.splitext(os.path.basename(name))[0]
@@ -211,8 +329,11 @@ def topology_devices(topology):
                      "pip install -r requirements-tpu-aot.txt")
 
 
-def measure(config_name, topology, per_chip_batch, dtype, remat=None, gpu="h100"):
-  """Compiles one (config, topology, batch) and returns its figures as a JSON-able dict."""
+def measure(config_name, topology, per_chip_batch, dtype, remat=None, gpu="h100", hlo_out=None):
+  """Compiles one (config, topology, batch) and returns its figures as a JSON-able dict.
+
+  hlo_out: a path to write the compiled HLO text to (for `--breakdown`), or None.
+  """
   config = load_config(config_name, dtype, remat)
   devices = topology_devices(topology)
   family = topology.partition(":")[0]
@@ -222,6 +343,10 @@ def measure(config_name, topology, per_chip_batch, dtype, remat=None, gpu="h100"
     # cuda), not the CPU forms XLA:CPU would get.
     config.model.kernels = "native"
   compiled, compile_s = compile_train_step(config, devices, per_chip_batch)
+  hlo_text = compiled.as_text()
+  if hlo_out:
+    with open(hlo_out, "w") as f:
+      f.write(hlo_text)
   memory = compiled.memory_analysis()
   costs = cost(compiled)
   flops, accessed = float(costs.get("flops", 0.0)), float(costs.get("bytes accessed", 0.0))
@@ -233,6 +358,16 @@ def measure(config_name, topology, per_chip_batch, dtype, remat=None, gpu="h100"
   # Donated state: the outputs reuse the arguments' buffers (aliased), so they are not added twice.
   hbm["total"] = (hbm["arguments"] + hbm["temporaries"] + hbm["outputs"] - hbm["aliased"]
                   + hbm["generated_code"])
+  # XLA:TPU's layouts say which buffers live on chip; XLA:CPU's have no memory spaces to tell.
+  traffic = hlo_traffic(hlo_text) if family != "cpu" else None
+  hbm_fields = {}
+  if traffic:
+    hbm_s = traffic["hbm"] / chip["hbm_bytes_per_s"]
+    hbm_fields = dict(
+        hbm_traffic_bytes=traffic["hbm"], on_chip_bytes=traffic["on_chip"],
+        hbm_traffic_parts=traffic["parts"], hbm_roofline_step_s=max(compute_s, hbm_s),
+        hbm_bound="FLOPs" if compute_s >= hbm_s else "bytes",
+        hbm_images_per_s_per_chip=per_chip_batch / max(compute_s, hbm_s))
   return dict(
       config=os.path.splitext(os.path.basename(config_name))[0], topology=topology,
       chips=len(devices), device_kind=devices[0].device_kind, per_chip_batch=per_chip_batch,
@@ -242,8 +377,8 @@ def measure(config_name, topology, per_chip_batch, dtype, remat=None, gpu="h100"
       flops=flops, bytes_accessed=accessed, roofline_step_s=step_s,
       bound="FLOPs" if compute_s >= memory_s else "bytes", compute_s=compute_s, memory_s=memory_s,
       images_per_s_per_chip=per_chip_batch / step_s if step_s else None,
-      collectives=collectives_by_kind(hlo_collectives(compiled.as_text())),
-      compile_s=compile_s, jax=jax.__version__, libtpu=_libtpu_version(), host=_cpu_model(),
+      collectives=collectives_by_kind(hlo_collectives(hlo_text)),
+      **hbm_fields, compile_s=compile_s, jax=jax.__version__, libtpu=_libtpu_version(), host=_cpu_model(),
       measured_at=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"))
 
 
@@ -289,6 +424,15 @@ def report(r):
       f"  roofline ({r['chip_source']}): {r['compute_s'] * 1e3:.1f} ms of FLOPs, "
       f"{r['memory_s'] * 1e3:.1f} ms of bytes -> {r['roofline_step_s'] * 1e3:.1f} ms per step, "
       f"{r['images_per_s_per_chip']:.0f} images/s per chip at most, bound by {r['bound']}",
+  ]
+  if "hbm_traffic_bytes" in r:
+    lines.append(
+        f"  of which in HBM (on-chip buffers left out, layout tiles counted): "
+        f"{r['hbm_traffic_bytes'] / 1e9:.1f} GB -> {r['hbm_roofline_step_s'] * 1e3:.1f} ms per step, "
+        f"{r['hbm_images_per_s_per_chip']:.0f} images/s per chip at most, bound by {r['hbm_bound']}")
+    lines.append("  HBM bytes by part: " + ", ".join(
+        f"{part} {b / 1e9:.2f} GB" for part, b in list(r["hbm_traffic_parts"].items())[:8]))
+  lines += [
       "  collectives: " + (", ".join(
           f"{v['count']} {k} ({v['bytes'] / 1e6:.2f} MB)" for k, v in r["collectives"].items())
                            or "none"),
@@ -297,12 +441,16 @@ def report(r):
 
 
 def table(results):
-  """The docs/accelerators.md table: one row per result."""
+  """The docs/accelerators.md table: one row per result, TPU compiles first, by config, chip kind,
+  slice size, remat and batch."""
   rows = ["| config | topology | per-chip batch | dtype | remat | HBM args / temps / total GiB "
-          "(of chip) | TFLOP / step | GB accessed / step | roofline ms / step | bound | images/s "
-          "per chip (roofline) | collectives (count, MB) | compile s |",
-          "|---|---|---:|---|---|---|---:|---:|---:|---|---:|---|---:|"]
-  for r in results:
+          "(of chip) | TFLOP / step | GB accessed / step (XLA's count) | roofline ms / step | bound | "
+          "images/s per chip (roofline) | GB in HBM / step | images/s per chip, HBM roofline (bound) | "
+          "collectives (count, MB) | compile s |",
+          "|---|---|---:|---|---|---|---:|---:|---:|---|---:|---:|---|---|---:|"]
+  order = lambda r: (r["topology"].startswith("cpu"), r["config"], r["topology"].split(":")[0],
+                     r["chips"], r["remat"] != "none", r["remat"], r["per_chip_batch"], r["chip"])
+  for r in sorted(results, key=order):
     h = r["hbm_bytes"]
     coll = "; ".join(f"{v['count']} {k} {v['bytes'] / 1e6:.1f}" for k, v in r["collectives"].items())
     rows.append(
@@ -313,7 +461,33 @@ def table(results):
         f"({r['hbm_capacity_bytes'] / GiB:.0f}){'' if r['fits'] else ' **no fit**'} | "
         f"{r['flops'] / 1e12:.2f} | {r['bytes_accessed'] / 1e9:.1f} | "
         f"{r['roofline_step_s'] * 1e3:.1f} | {r['bound']} | {r['images_per_s_per_chip']:.0f} | "
-        f"{coll or 'none'} | {r['compile_s']:.0f} |")
+        + (f"{r['hbm_traffic_bytes'] / 1e9:.1f} | {r['hbm_images_per_s_per_chip']:.0f} "
+           f"({r['hbm_bound']}) | " if "hbm_traffic_bytes" in r else "- | - | ")
+        + f"{coll or 'none'} | {r['compile_s']:.0f} |")
+  return "\n".join(rows)
+
+
+def breakdown(small, large, min_share=0.01):
+  """Markdown table of HBM bytes by part for two compiles of one setting at two per-chip batches:
+  each part's bytes per step at both, and its split into per-image and per-step (fixed) bytes.
+  Parts under `min_share` of the larger compile's bytes are summed in one row."""
+  b0, b1 = small["per_chip_batch"], large["per_chip_batch"]
+  p0, p1 = small["hbm_traffic_parts"], large["hbm_traffic_parts"]
+  rows = [f"| part | GB at {b0} / chip | GB at {b1} / chip | MB per image | GB per step (fixed) |"
+          f" share at {b1} |", "|---|---:|---:|---:|---:|---:|"]
+  total = large["hbm_traffic_bytes"]
+  shown = [(part, p0.get(part, 0), b) for part, b in sorted(p1.items(), key=lambda kv: -kv[1])
+           if b >= min_share * total]
+  rest = (sum(p0.values()) - sum(b for _, b, _ in shown), total - sum(b for _, _, b in shown))
+  if rest[1] > 0:
+    shown.append((f"the other parts (each < {100 * min_share:g} %)",) + rest)
+  for part, bytes0, bytes1 in shown:
+    per_image = (bytes1 - bytes0) / (b1 - b0)
+    rows.append(f"| {part} | {bytes0 / 1e9:.2f} | {bytes1 / 1e9:.2f} | {per_image / 1e6:.1f} | "
+                f"{(bytes1 - per_image * b1) / 1e9:.2f} | {100 * bytes1 / total:.1f} % |")
+  per_image = (large["hbm_traffic_bytes"] - small["hbm_traffic_bytes"]) / (b1 - b0)
+  rows.append(f"| **all** | {small['hbm_traffic_bytes'] / 1e9:.2f} | {total / 1e9:.2f} | "
+              f"{per_image / 1e6:.1f} | {(total - per_image * b1) / 1e9:.2f} | 100 % |")
   return "\n".join(rows)
 
 
@@ -329,12 +503,30 @@ def main(argv=None):
                       help="the card whose figures rate a --topology=cpu:N compile")
   parser.add_argument("--results", default=RESULTS)
   parser.add_argument("--no_save", action="store_true", help="print only")
+  parser.add_argument("--hlo_out", default=None, help="also write the compiled HLO text here")
   parser.add_argument("--table", action="store_true", help="print the docs/accelerators.md table of --results")
+  parser.add_argument("--breakdown", default=None, metavar="B1,B2",
+                      help="print HBM bytes by part from the results of --config/--topology/--dtype/"
+                      "--remat at two per-chip batches, e.g. 2,32 (compile both first)")
   args = parser.parse_args(argv)
+  if args.breakdown:
+    config = os.path.splitext(os.path.basename(args.config))[0]
+    results = {r["per_chip_batch"]: r for r in json.load(open(args.results))
+               if r["config"] == config and r["topology"] == args.topology
+               and r["dtype"] == args.dtype and r["remat"] == (args.remat or "none")
+               and "hbm_traffic_parts" in r}
+    batches = [int(b) for b in args.breakdown.split(",")]
+    missing = [b for b in batches if b not in results]
+    if missing:
+      raise SystemExit(f"--breakdown: no result with HBM parts for {config} on {args.topology} at "
+                       f"per-chip batch {missing} in {args.results}; compile it first")
+    print(breakdown(results[batches[0]], results[batches[1]]))
+    return
   if args.table:
     print(table(json.load(open(args.results))))
     return
-  result = measure(args.config, args.topology, args.per_chip_batch, args.dtype, args.remat, args.gpu)
+  result = measure(args.config, args.topology, args.per_chip_batch, args.dtype, args.remat, args.gpu,
+                   args.hlo_out)
   print(report(result))
   if not args.no_save:
     append_result(result, args.results)
