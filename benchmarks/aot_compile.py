@@ -242,9 +242,9 @@ def hlo_traffic(hlo_text):
     if name in inside:
       continue
     parsed = [m.groups() for m in map(_INSTRUCTION_LINE.match, lines) if m]
-    types = {p[0]: p[1] for p in parsed}
-    names = {p[0]: (re.search(r'op_name="([^"]*)"', line) or [None, ""])[1]
-             for p, line in zip(parsed, (l for l in lines if _INSTRUCTION_LINE.match(l)))}
+    types = {instr: result_type for instr, result_type, _, _ in parsed}
+    names = {instr: (re.search(r'op_name="([^"]*)"', rest) or [None, ""])[1]
+             for instr, _, _, rest in parsed}
     for instr, result_type, op, rest in parsed:
       if op in _NO_TRAFFIC or op.endswith("-done"):
         continue
@@ -332,7 +332,7 @@ def topology_devices(topology):
 def measure(config_name, topology, per_chip_batch, dtype, remat=None, gpu="h100", hlo_out=None):
   """Compiles one (config, topology, batch) and returns its figures as a JSON-able dict.
 
-  hlo_out: a path to write the compiled HLO text to (for `--breakdown`), or None.
+  hlo_out: a path to write the compiled HLO text to (to read what `hlo_traffic` counts), or None.
   """
   config = load_config(config_name, dtype, remat)
   devices = topology_devices(topology)
