@@ -87,17 +87,23 @@ COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "
 # their -start (the -done carries no data of its own).
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s*\b(" + "|".join(COLLECTIVES)
                           + r")(-start)?\((.*)$", re.M)
-_SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16|f8\w*|c\d+)\[([\d,]*)\]")
+# An array type with its optional layout: "bf16[32,300,300,64]{3,0,2,1:T(8,128)(2,1)}".
+_SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16|f8\w*|c\d+)\[([\d,]*)\](\{[^}]*\})?")
 _BYTES = {"pred": 1, "bf16": 2}
 
 
+def _element_bytes(dtype):
+  return _BYTES.get(dtype) or max(1, int(re.sub(r"\D", "", dtype) or 8) // 8)
+
+
 def _shapes(text):
-  return [(dtype, tuple(int(d) for d in dims.split(",") if d)) for dtype, dims in _SHAPE.findall(text)]
+  return [(dtype, tuple(int(d) for d in dims.split(",") if d))
+          for dtype, dims, _ in _SHAPE.findall(text)]
 
 
 def shape_bytes(shape):
   dtype, dims = shape
-  size = _BYTES.get(dtype) or max(1, int(re.sub(r"\D", "", dtype) or 8) // 8)
+  size = _element_bytes(dtype)
   for d in dims:
     size *= d
   return size
@@ -154,7 +160,6 @@ def collectives_by_kind(collectives):
 # and on-chip, and the HBM part per model part (from each instruction's op_name).
 
 _INSTRUCTION_LINE = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*?)\s+([a-z][\w\-]*)\((.*)$")
-_TYPED_SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16|f8\w*|c\d+)\[([\d,]*)\](\{[^}]*\})?")
 _COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
 # Instructions that move no data of their own (aliases, bookkeeping, control flow whose bodies are
 # counted as computations), and the -done halves of async pairs (counted at their -start).
@@ -165,7 +170,7 @@ _NO_TRAFFIC = ("parameter", "constant", "get-tuple-element", "tuple", "bitcast",
 def tiled_bytes(dtype, dims, layout):
   """Bytes of one array as laid out: each tiled dimension rounded up to its tile ("T(8,128)": the
   minor dimension to 128, the next to 8)."""
-  size = _BYTES.get(dtype) or max(1, int(re.sub(r"\D", "", dtype) or 8) // 8)
+  size = _element_bytes(dtype)
   dims = [int(d) for d in dims.split(",") if d]
   tile = re.search(r"T\((\d+)(?:,(\d+))?\)", layout or "")
   order = re.match(r"\{([\d,]*)", layout or "")
@@ -182,7 +187,7 @@ def tiled_bytes(dtype, dims, layout):
 def _by_space(shapes_text):
   """(HBM bytes, on-chip bytes) of the arrays named in an HLO type string."""
   hbm = on_chip = 0
-  for dtype, dims, layout in _TYPED_SHAPE.findall(shapes_text):
+  for dtype, dims, layout in _SHAPE.findall(shapes_text):
     b = tiled_bytes(dtype, dims, layout)
     if re.search(r"S\((\d+)\)", layout or ""):
       on_chip += b
@@ -329,6 +334,12 @@ def topology_devices(topology):
                      "pip install -r requirements-tpu-aot.txt")
 
 
+def _roofline(compute_s, memory_s, images):
+  """(seconds per step, "FLOPs" | "bytes", images/s or None): the slower of the two bounds."""
+  step_s = max(compute_s, memory_s)
+  return step_s, "FLOPs" if compute_s >= memory_s else "bytes", images / step_s if step_s else None
+
+
 def measure(config_name, topology, per_chip_batch, dtype, remat=None, gpu="h100", hlo_out=None):
   """Compiles one (config, topology, batch) and returns its figures as a JSON-able dict.
 
@@ -351,7 +362,7 @@ def measure(config_name, topology, per_chip_batch, dtype, remat=None, gpu="h100"
   costs = cost(compiled)
   flops, accessed = float(costs.get("flops", 0.0)), float(costs.get("bytes accessed", 0.0))
   compute_s, memory_s = flops / chip["peak_flops"], accessed / chip["hbm_bytes_per_s"]
-  step_s = max(compute_s, memory_s)
+  step_s, bound, images_per_s = _roofline(compute_s, memory_s, per_chip_batch)
   hbm = dict(arguments=memory.argument_size_in_bytes, temporaries=memory.temp_size_in_bytes,
              outputs=memory.output_size_in_bytes, aliased=memory.alias_size_in_bytes,
              generated_code=memory.generated_code_size_in_bytes)
@@ -362,21 +373,20 @@ def measure(config_name, topology, per_chip_batch, dtype, remat=None, gpu="h100"
   traffic = hlo_traffic(hlo_text) if family != "cpu" else None
   hbm_fields = {}
   if traffic:
-    hbm_s = traffic["hbm"] / chip["hbm_bytes_per_s"]
+    hbm_step_s, hbm_bound, hbm_images_per_s = _roofline(
+        compute_s, traffic["hbm"] / chip["hbm_bytes_per_s"], per_chip_batch)
     hbm_fields = dict(
         hbm_traffic_bytes=traffic["hbm"], on_chip_bytes=traffic["on_chip"],
-        hbm_traffic_parts=traffic["parts"], hbm_roofline_step_s=max(compute_s, hbm_s),
-        hbm_bound="FLOPs" if compute_s >= hbm_s else "bytes",
-        hbm_images_per_s_per_chip=per_chip_batch / max(compute_s, hbm_s))
+        hbm_traffic_parts=traffic["parts"], hbm_roofline_step_s=hbm_step_s, hbm_bound=hbm_bound,
+        hbm_images_per_s_per_chip=hbm_images_per_s)
   return dict(
       config=os.path.splitext(os.path.basename(config_name))[0], topology=topology,
       chips=len(devices), device_kind=devices[0].device_kind, per_chip_batch=per_chip_batch,
       global_batch=per_chip_batch * len(devices), dtype=config.model.dtype,
       remat=config.model.get("remat", "none"), chip=chip["name"], chip_source=chip["source"],
       hbm_bytes=hbm, hbm_capacity_bytes=chip["hbm_bytes"], fits=hbm["total"] <= chip["hbm_bytes"],
-      flops=flops, bytes_accessed=accessed, roofline_step_s=step_s,
-      bound="FLOPs" if compute_s >= memory_s else "bytes", compute_s=compute_s, memory_s=memory_s,
-      images_per_s_per_chip=per_chip_batch / step_s if step_s else None,
+      flops=flops, bytes_accessed=accessed, roofline_step_s=step_s, bound=bound,
+      compute_s=compute_s, memory_s=memory_s, images_per_s_per_chip=images_per_s,
       collectives=collectives_by_kind(hlo_collectives(hlo_text)),
       **hbm_fields, compile_s=compile_s, jax=jax.__version__, libtpu=_libtpu_version(), host=_cpu_model(),
       measured_at=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"))
