@@ -58,8 +58,10 @@ CPU_VARIANTS = {
     "opt_level1": ("--xla_backend_optimization_level=1", {}, "backend optimisation level 1"),
     "bf16": ("", {"model.dtype": "bfloat16"}, "bfloat16 compute"),
     "kernels_native": ("", {"model.kernels": "native"}, "GPU/TPU kernels (reduce_window pool)"),
-    "conv_grads_xla": ("", {"_xla_conv_grads": True},
-                       "XLA's own conv weight gradients (the CPU form's matmuls off)"),
+    "winograd_off": ("", {"_winograd_off": True},
+                     "no Winograd: XLA's forward, matmul weight gradients (the previous release)"),
+    "conv_grads_xla": ("", {"_winograd_off": True, "_xla_conv_grads": True},
+                       "XLA's own conv gradients (the CPU form off)"),
     "prenormalised": ("", {"_prenormalised": True},
                       "float input normalised outside the step (the normalisation's cost)"),
 }
@@ -358,9 +360,11 @@ def jax_cpu_worker(args):
   """Runs in a fresh process: our SSD300 step for one variant; prints one JSON line."""
   import jax  # pylint: disable=g-import-not-at-top
   flags, overrides, _ = CPU_VARIANTS[args.variant]
+  from mdssd_jax.models import kernels  # pylint: disable=g-import-not-at-top
+  if overrides.get("_winograd_off"):
+    kernels.WINOGRAD_MIN_CHANNELS = float("inf")       # no conv runs as Winograd
   if overrides.get("_xla_conv_grads"):
-    from mdssd_jax.models import kernels  # pylint: disable=g-import-not-at-top
-    kernels.MATMUL_WGRAD_MIN_TAP_MACS = float("inf")   # every conv keeps XLA's gradients
+    kernels.MATMUL_WGRAD_MIN_TAP_MACS = float("inf")   # every other conv keeps XLA's gradients
   config = load_config(args.cpu_config, overrides)
   config.train.global_batch_size = args.batch[0]
   pieces = Pieces(config)
@@ -456,7 +460,7 @@ def main():
   parser.add_argument("--out", default="", help="also write the table here ($OUT/... by default)")
   parser.add_argument("--torch_cpu", action="store_true",
                       help="our CPU step per XLA:CPU variant beside torchvision's ssd300_vgg16")
-  parser.add_argument("--variants", default="default,conv_grads_xla",
+  parser.add_argument("--variants", default="default,winograd_off,conv_grads_xla",
                       help=f"comma-separated, of {sorted(CPU_VARIANTS)}")
   parser.add_argument("--layer_table", type=int, default=1,
                       help="1: also the per-layer table (benchmarks/conv_layers.py)")

@@ -146,8 +146,12 @@ def _run(config, variables, images):
 @pytest.mark.parametrize("setting", [dict(kernels="native"), dict(remat="blocks")])
 def test_tiny_mdssd_variants_compute_the_same_loss_and_gradients(tiny_inputs, setting, monkeypatch):
   """From the same parameters: kernels "native" vs "cpu", and remat "blocks" vs "none". The CPU
-  convs' matmul weight gradient is forced on (the tiny model is below its size threshold)."""
+  convs' Winograd form and matmul weight gradient are forced on (the tiny model is below their
+  size thresholds): every 3x3 stride-1 conv runs as Winograd, the others with matmul gradients."""
   monkeypatch.setattr(kernels, "MATMUL_WGRAD_MIN_TAP_MACS", 0)
+  monkeypatch.setattr(kernels, "WINOGRAD_MIN_CHANNELS", 0)
+  monkeypatch.setattr(kernels, "WINOGRAD_MIN_OUTPUT_PX", 0)
+  monkeypatch.setattr(kernels, "WINOGRAD_MAX_CHANNEL_DROP", float("inf"))
   variables, images = tiny_inputs
   ref_value, ref_grads = _run(_tiny(kernels="cpu"), variables, images)
   value, grads = _run(_tiny(kernels="cpu", **setting) if "remat" in setting else _tiny(**setting),
@@ -292,27 +296,69 @@ def test_conv_layers_lists_the_paper_models_convolutions():
   assert counts["configs.mdssd300_voc"] == 15 + 8 + 3 * 9 + 2 * 6 - 1   # conv11 is not reached
 
 
-def test_cpu_conv_matches_the_definition_on_every_model_layer_shape(monkeypatch):
-  """conv_cpu (XLA's forward and input gradient, matmul weight gradient) on each distinct conv of
-  SSD300, MDSSD300 and the demo: value and both gradients equal the float64 definition within
-  float32 rounding: |error| <= 4 eps sqrt(K) x the sum of |terms| (K terms per sum). The matmul
-  weight gradient is forced on every shape (at batch 1 most are below its size threshold)."""
+def test_cpu_conv_forms_match_the_definition_on_every_model_layer_shape(monkeypatch):
+  """Both CPU forms on each distinct conv of SSD300, MDSSD300 and the demo: value and both
+  gradients equal the float64 definition within float32 rounding: |error| <= 4 eps sqrt(K) x the
+  sum of |terms| (K terms per sum). `conv_matmul_wgrad` (XLA's forward and input gradient, matmul
+  weight gradient, forced on every shape: at batch 1 most are below its size threshold) on every
+  shape; `conv_winograd_grads` (the Winograd forward and gradients, as differentiation runs them)
+  on every 3x3 stride-1 shape, whatever its channels, sizes odd and even, padding 1 and 0."""
   monkeypatch.setattr(kernels, "MATMUL_WGRAD_MIN_TAP_MACS", 0)
   eps = np.finfo(np.float32).eps
   layers = _model_conv_shapes(batch=1)
   assert len(layers) >= 60
+  winograd_shapes = 0
   for n, layer in enumerate(layers):
     rng = np.random.default_rng(n)
     x = rng.standard_normal(layer["input_shape"]).astype(np.float32)
     kh, kw, cin, _ = layer["kernel_shape"]
     w = (rng.standard_normal(layer["kernel_shape"]) / np.sqrt(kh * kw * cin)).astype(np.float32)
     args = (layer["strides"], layer["padding"], layer["dilation"])
-    out, vjp = jax.vjp(jax.jit(lambda x, w, args=args: kernels.conv_cpu(x, w, *args)), x, w)
-    dy = rng.standard_normal(out.shape).astype(np.float32)
-    got = (out,) + tuple(vjp(dy))
-    want, bounds = np_conv_and_grads(x, w, dy, *args)
-    batch, out_h, out_w, cout = out.shape
-    terms = (kh * kw * cin, kh * kw * cout, batch * out_h * out_w)   # per sum: y, dx, dw
-    for name, g, ref, bound, k in zip(("y", "dx", "dw"), got, want, bounds, terms):
-      excess = np.abs(np.asarray(g, np.float64) - ref) - 4 * eps * np.sqrt(k) * bound
-      assert excess.max() <= 1e-30, (name, layer, float(excess.max()))
+    forms = [lambda x, w, args=args: kernels.conv_matmul_wgrad(x, w, *args)]
+    if (kh, kw) == (3, 3) and args[0] == (1, 1) and args[2] == (1, 1):
+      forms.append(lambda x, w, padding=args[1]: kernels.conv_winograd_grads(x, w, padding))
+      winograd_shapes += 1
+    want = bounds = None
+    for form in forms:
+      out, vjp = jax.vjp(jax.jit(form), x, w)
+      if want is None:
+        dy = rng.standard_normal(out.shape).astype(np.float32)
+        want, bounds = np_conv_and_grads(x, w, dy, *args)
+      got = (out,) + tuple(vjp(dy))
+      batch, out_h, out_w, cout = out.shape
+      terms = (kh * kw * cin, kh * kw * cout, batch * out_h * out_w)   # per sum: y, dx, dw
+      for name, g, ref, bound, k in zip(("y", "dx", "dw"), got, want, bounds, terms):
+        excess = np.abs(np.asarray(g, np.float64) - ref) - 4 * eps * np.sqrt(k) * bound
+        assert excess.max() <= 1e-30, (name, form, layer, float(excess.max()))
+  assert winograd_shapes >= 30
+
+
+def test_winograd_runs_on_the_wide_convs_only():
+  """The shape rule on SSD300 at batch 4: the trunk's 3x3 convs from conv1_2 to conv5_3 run as
+  Winograd; conv1_1 (3 input channels), fc6 (dilated), the stride-2 and 5x5-or-smaller extras and
+  the narrow heads (512 -> 16 and -> 84 on conv4_3, 1024 -> 24 and -> 126 on fc7) do not; neither does
+  bfloat16, nor anything on GPU/TPU (the lowering tests above)."""
+  from configs import ssd300_voc  # pylint: disable=g-import-not-at-top
+  config = ssd300_voc.get_config()
+  config.model.kernels = "cpu"
+  model = models.build_model(config)
+  images = jax.ShapeDtypeStruct((4, 300, 300, 3), jnp.float32)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
+  chosen = {}
+  for l in kernels.conv_layers(lambda v, x: model.apply(v, x, train=False), variables, images):
+    _, h, _, cin = l["input_shape"]
+    chosen[(h, cin, l["kernel_shape"][-1], l["kernel_shape"][0], l["strides"][0],
+            l["dilation"][0])] = kernels.winograd_applies(
+                l["input_shape"], l["kernel_shape"], l["strides"], l["padding"], l["dilation"],
+                jnp.float32)
+  trunk = [(300, 64, 64), (150, 64, 128), (150, 128, 128), (75, 128, 256), (75, 256, 256),
+           (38, 256, 512), (38, 512, 512), (19, 512, 512)]
+  assert all(chosen[shape + (3, 1, 1)] for shape in trunk)
+  assert not chosen[(300, 3, 64, 3, 1, 1)] and not chosen[(19, 512, 1024, 3, 1, 6)]
+  assert not chosen[(38, 512, 16, 3, 1, 1)] and not chosen[(19, 1024, 24, 3, 1, 1)]
+  assert not chosen[(19, 1024, 126, 3, 1, 1)] and not chosen[(5, 256, 126, 3, 1, 1)]
+  assert not any(v for k, v in chosen.items() if k[4] == 2 or k[0] <= 5)
+  assert not chosen[(38, 512, 84, 3, 1, 1)]       # 6x fewer outputs than inputs
+  assert sum(chosen.values()) == len(trunk)
+  assert not kernels.winograd_applies((4, 38, 38, 512), (3, 3, 512, 512), (1, 1), ((1, 1),) * 2,
+                                      (1, 1), jnp.bfloat16)

@@ -196,7 +196,7 @@ def _xla_conv(x, kernel, strides, padding, dilation):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def conv_cpu(x, kernel, strides, padding, dilation):
+def conv_matmul_wgrad(x, kernel, strides, padding, dilation):
   """XLA's convolution (NHWC / HWIO, explicit padding) whose weight gradient is `conv_weight_grad`.
 
   The forward and the input gradient stay XLA's: both are forward convolutions for stride 1, which
@@ -207,11 +207,11 @@ def conv_cpu(x, kernel, strides, padding, dilation):
   return _xla_conv(x, kernel, strides, padding, dilation)
 
 
-def _conv_cpu_fwd(x, kernel, strides, padding, dilation):
+def _conv_matmul_wgrad_fwd(x, kernel, strides, padding, dilation):
   return _xla_conv(x, kernel, strides, padding, dilation), (x, kernel)
 
 
-def _conv_cpu_bwd(strides, padding, dilation, residuals, dy):
+def _conv_matmul_wgrad_bwd(strides, padding, dilation, residuals, dy):
   x, kernel = residuals
   if dy.size * x.shape[-1] < MATMUL_WGRAD_MIN_TAP_MACS:   # small layers: XLA's gradients as they are
     _, vjp = jax.vjp(lambda x, k: _xla_conv(x, k, strides, padding, dilation), x, kernel)
@@ -222,7 +222,193 @@ def _conv_cpu_bwd(strides, padding, dilation, residuals, dy):
   return dx, dw.astype(kernel.dtype)
 
 
-conv_cpu.defvjp(_conv_cpu_fwd, _conv_cpu_bwd)
+conv_matmul_wgrad.defvjp(_conv_matmul_wgrad_fwd, _conv_matmul_wgrad_bwd)
+
+
+# ---- Winograd F(2x2, 3x3): the wide 3x3 stride-1 convolutions on the CPU ----------------------------
+#
+# Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks" (CVPR 2016), docs/model.md:
+# the output is cut into 2x2 tiles; tile t of y is A^T [(G g G^T) * (B^T d_t B)] A, d_t the 4x4
+# input patch under it, * elementwise. Over all tiles and channels the elementwise products are 16
+# matmuls (one per position of the 4x4 transformed tile) of (tiles, Cin) x (Cin, Cout): 16 / 36 of
+# a direct 3x3 conv's multiply-adds, in the forward and in both gradients. The transforms hold
+# only 0, +-1 and +-1/2, so the values stay within a few float32 roundings of the definition.
+WINOGRAD_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32)
+WINOGRAD_G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.float32)
+WINOGRAD_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)
+# Where the Winograd form runs (`winograd_applies`), measured per conv shape of SSD300, MDSSD300
+# and MDSSD300-COCO at batch 4 (forward + backward, docs/model.md "Winograd"): it takes 0.42-0.94x
+# the time of XLA's conv with matmul weight gradients on every trunk, Fusion Block and wide-head
+# conv with at least 64 channels in and out, an output of at least 19x19, and no more than 4x
+# fewer outputs than inputs; on the narrow heads (512 -> 16, 1024 -> 24, 1024 -> 126) and maps of
+# 10x10 or less the transforms' traffic and fixed costs outweigh the saved multiply-adds (1.1-7x).
+WINOGRAD_MIN_CHANNELS = 64
+WINOGRAD_MIN_OUTPUT_PX = 19 * 19
+WINOGRAD_MAX_CHANNEL_DROP = 4
+
+
+def winograd_applies(x_shape, kernel_shape, strides, padding, dilation, dtype) -> bool:
+  """Whether `conv_cpu` runs this conv (NHWC / HWIO, explicit padding) as Winograd F(2x2, 3x3)."""
+  if tuple(kernel_shape[:2]) != (3, 3) or tuple(strides) != (1, 1) or tuple(dilation) != (1, 1):
+    return False
+  (top, bottom), (left, right) = padding
+  out_px = (x_shape[1] + top + bottom - 2) * (x_shape[2] + left + right - 2)
+  cin, cout = kernel_shape[2:]
+  return (jnp.dtype(dtype) == jnp.float32 and min(cin, cout) >= WINOGRAD_MIN_CHANNELS
+          and cout * WINOGRAD_MAX_CHANNEL_DROP >= cin and out_px >= WINOGRAD_MIN_OUTPUT_PX)
+
+
+def _combine(matrix, terms):
+  """[sum_k matrix[i, k] * terms[k] for each row i], skipping zeros (matrix: NumPy constants)."""
+  rows = []
+  for coefficients in matrix:
+    total = None
+    for c, term in zip(coefficients, terms):
+      if c == 0:
+        continue
+      part = term if c == 1 else (-term if c == -1 else float(c) * term)
+      total = part if total is None else total + part
+    rows.append(total)
+  return rows
+
+
+def _tile_rows(xp, tiles, axis):
+  """The 4 row (or column, by `axis`) offsets of every input tile: tile t starts at 2t, so row
+  2t + r of the padded map is block t + r // 2, phase r % 2 of its space-to-depth view.
+  xp: (..., 2 * tiles + 2 along axis, ...) -> 4 arrays with `tiles` along axis."""
+  shape = xp.shape
+  pairs = xp.reshape(shape[:axis] + (tiles + 1, 2) + shape[axis + 1:])
+  take = lambda r: jax.lax.index_in_dim(
+      jax.lax.slice_in_dim(pairs, r // 2, r // 2 + tiles, axis=axis), r % 2, axis + 1, keepdims=False)
+  return [take(r) for r in range(4)]
+
+
+def _untile_rows(parts, axis):
+  """Transpose of `_tile_rows`: 4 arrays with `tiles` along axis, overlap-added into 2 * tiles + 2."""
+  zero = [(0, 0)] * parts[0].ndim
+  def shifted(part, block):   # place at block offset 0 or 1 of tiles + 1 blocks
+    pad = list(zero)
+    pad[axis] = (block, 1 - block)
+    return jnp.pad(part, pad)
+  even = shifted(parts[0], 0) + shifted(parts[2], 1)
+  odd = shifted(parts[1], 0) + shifted(parts[3], 1)
+  pairs = jnp.stack([even, odd], axis=axis + 1)
+  shape = pairs.shape
+  return pairs.reshape(shape[:axis] + (shape[axis] * 2,) + shape[axis + 2:])
+
+
+def _winograd_geometry(x_shape, padding):
+  _, h, w, _ = x_shape
+  (top, bottom), (left, right) = padding
+  out_h, out_w = h + top + bottom - 2, w + left + right - 2
+  tiles_h, tiles_w = -(-out_h // 2), -(-out_w // 2)
+  # Pad to 2 * tiles + 2 rows / columns; any extra bottom/right rows only feed outputs cut off.
+  pads = ((0, 0), (top, 2 * tiles_h + 2 - h - top), (left, 2 * tiles_w + 2 - w - left), (0, 0))
+  return out_h, out_w, tiles_h, tiles_w, pads
+
+
+def _winograd_input(x, padding):
+  """(B, H, W, C) -> V (16, B * tiles_h * tiles_w, C) = B^T d B for every 4x4 input tile d."""
+  batch, _, _, cin = x.shape
+  _, _, tiles_h, tiles_w, pads = _winograd_geometry(x.shape, padding)
+  xp = jnp.pad(x, pads)
+  rows = jnp.stack(_combine(WINOGRAD_BT, _tile_rows(xp, tiles_h, axis=1)))   # (4, B, th, Wp, C)
+  # Materialising the row stage halves the transform's time on XLA:CPU (the column stage then
+  # reads each row result once instead of recomputing it for all four columns).
+  rows = jax.lax.optimization_barrier(rows)
+  v = jnp.stack(_combine(WINOGRAD_BT, _tile_rows(rows, tiles_w, axis=3)), axis=1)  # (4, 4, ...)
+  return v.reshape(16, batch * tiles_h * tiles_w, cin)
+
+
+def _winograd_input_transpose(dv, x_shape, padding):
+  """Transpose of `_winograd_input`: dV (16, T, C) -> dx (B, H, W, C)."""
+  batch, h, w, cin = x_shape
+  _, _, tiles_h, tiles_w, pads = _winograd_geometry(x_shape, padding)
+  dv = dv.reshape(4, 4, batch, tiles_h, tiles_w, cin)
+  columns = [_untile_rows(_combine(WINOGRAD_BT.T, [dv[i, j] for j in range(4)]), axis=2)
+             for i in range(4)]                                      # 4 x (B, th, Wp, C)
+  rows = jax.lax.optimization_barrier(jnp.stack(columns))
+  dxp = _untile_rows(_combine(WINOGRAD_BT.T, [rows[i] for i in range(4)]), axis=1)
+  return dxp[:, pads[1][0]:pads[1][0] + h, pads[2][0]:pads[2][0] + w]
+
+
+def _winograd_output(m, x_shape, padding):
+  """M (16, T, Cout) -> y (B, Ho, Wo, Cout): A^T m A for each tile, the 2x2 tiles laid out."""
+  batch = x_shape[0]
+  out_h, out_w, tiles_h, tiles_w, _ = _winograd_geometry(x_shape, padding)
+  m = m.reshape(4, 4, batch, tiles_h, tiles_w, -1)
+  rows = _combine(WINOGRAD_AT, [m[i] for i in range(4)])            # 2 x (4, B, th, tw, Co)
+  y = jnp.stack([jnp.stack(_combine(WINOGRAD_AT, [r[j] for j in range(4)])) for r in rows])
+  y = y.transpose(2, 3, 0, 4, 1, 5).reshape(batch, 2 * tiles_h, 2 * tiles_w, -1)
+  return y[:, :out_h, :out_w]
+
+
+def _winograd_output_transpose(dy, x_shape, padding):
+  """Transpose of `_winograd_output`: dy (B, Ho, Wo, Cout) -> dM (16, T, Cout)."""
+  batch = x_shape[0]
+  out_h, out_w, tiles_h, tiles_w, _ = _winograd_geometry(x_shape, padding)
+  dy = jnp.pad(dy, ((0, 0), (0, 2 * tiles_h - out_h), (0, 2 * tiles_w - out_w), (0, 0)))
+  dy = dy.reshape(batch, tiles_h, 2, tiles_w, 2, -1).transpose(2, 4, 0, 1, 3, 5)  # (2, 2, B, th, tw, Co)
+  rows = _combine(WINOGRAD_AT.T, [dy[p] for p in range(2)])           # 4 x (2, B, th, tw, Co)
+  dm = jnp.stack([jnp.stack(_combine(WINOGRAD_AT.T, [r[q] for q in range(2)])) for r in rows])
+  return dm.reshape(16, batch * tiles_h * tiles_w, -1)
+
+
+def _winograd_kernel(kernel):
+  """(3, 3, Cin, Cout) -> U (16, Cin, Cout) = G g G^T."""
+  g = jnp.asarray(WINOGRAD_G)
+  return jnp.einsum("ik,klco,jl->ijco", g, kernel, g).reshape(16, *kernel.shape[2:])
+
+
+def _bmm(a, b, contract):
+  """Batched (over axis 0) matmul contracting axis `contract[0]` of a with `contract[1]` of b."""
+  return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((0,), (0,))),
+                             preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv_winograd_grads(x, kernel, padding):
+  """3x3 stride-1 convolution (NHWC / HWIO, explicit padding): XLA's forward, both gradients by
+  Winograd F(2x2, 3x3).
+
+  Args:
+    x: (B, H, W, Cin) float32. kernel: (3, 3, Cin, Cout). padding: ((top, bottom), (left, right)).
+  Returns:
+    (B, H + top + bottom - 2, W + left + right - 2, Cout).
+  The forward stays XLA's convolution (as fast as the Winograd forward at 512 channels, up to 2x
+  faster at 64-128, and what inference runs). The backward shares one transformed output gradient
+  dM between dV = dM U^T (-> dx) and dU = V^T dM (-> dw), and recomputes V from x rather than
+  keeping it (4x the input's size) from the forward.
+  """
+  return _xla_conv(x, kernel, (1, 1), padding, (1, 1))
+
+
+def _conv_winograd_fwd(x, kernel, padding):
+  y = _winograd_output(_bmm(_winograd_input(x, padding), _winograd_kernel(kernel), (2, 1)),
+                       x.shape, padding)
+  return y.astype(x.dtype), (x, kernel)
+
+
+def _conv_winograd_bwd(padding, residuals, dy):
+  x, kernel = residuals
+  dm = _winograd_output_transpose(dy, x.shape, padding)                     # (16, T, Cout)
+  dv = _bmm(dm, _winograd_kernel(kernel), (2, 2))                           # (16, T, Cin)
+  du = _bmm(_winograd_input(x, padding), dm, (1, 1))                        # (16, Cin, Cout)
+  g = jnp.asarray(WINOGRAD_G)
+  dw = jnp.einsum("ik,ijco,jl->klco", g, du.reshape(4, 4, *du.shape[1:]), g)
+  return (_winograd_input_transpose(dv, x.shape, padding).astype(x.dtype), dw.astype(kernel.dtype))
+
+
+conv_winograd_grads.defvjp(_conv_winograd_fwd, _conv_winograd_bwd)
+
+
+def conv_cpu(x, kernel, strides, padding, dilation):
+  """The CPU form of one convolution (NHWC / HWIO, explicit padding), chosen by its shape:
+  Winograd F(2x2, 3x3) for the wide 3x3 stride-1 convs (`winograd_applies`), else XLA's forward
+  and input gradient with the matmul weight gradient (`conv_matmul_wgrad`)."""
+  if winograd_applies(x.shape, kernel.shape, strides, padding, dilation, x.dtype):
+    return conv_winograd_grads(x, kernel, padding)
+  return conv_matmul_wgrad(x, kernel, strides, padding, dilation)
 
 
 def conv_general_dilated(x, kernel, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
