@@ -146,12 +146,11 @@ def _run(config, variables, images):
 @pytest.mark.parametrize("setting", [dict(kernels="native"), dict(remat="blocks")])
 def test_tiny_mdssd_variants_compute_the_same_loss_and_gradients(tiny_inputs, setting, monkeypatch):
   """From the same parameters: kernels "native" vs "cpu", and remat "blocks" vs "none". The CPU
-  convs' Winograd form and matmul weight gradient are forced on (the tiny model is below their
-  size thresholds): every 3x3 stride-1 conv runs as Winograd, the others with matmul gradients."""
+  convs' matmul weight gradient is forced on (the tiny model is below its size threshold). The
+  Winograd form stays off here (as it is at this width): its forward rounds differently from XLA's
+  conv, and this model's gradients move by 1 % when its input moves by 1e-7 (the next test)."""
   monkeypatch.setattr(kernels, "MATMUL_WGRAD_MIN_TAP_MACS", 0)
-  monkeypatch.setattr(kernels, "WINOGRAD_MIN_CHANNELS", 0)
-  monkeypatch.setattr(kernels, "WINOGRAD_MIN_OUTPUT_PX", 0)
-  monkeypatch.setattr(kernels, "WINOGRAD_MAX_CHANNEL_DROP", float("inf"))
+  monkeypatch.setattr(kernels, "WINOGRAD_MIN_CHANNELS", float("inf"))
   variables, images = tiny_inputs
   ref_value, ref_grads = _run(_tiny(kernels="cpu"), variables, images)
   value, grads = _run(_tiny(kernels="cpu", **setting) if "remat" in setting else _tiny(**setting),
@@ -163,6 +162,33 @@ def test_tiny_mdssd_variants_compute_the_same_loss_and_gradients(tiny_inputs, se
     ref = np.asarray(_get(ref_grads, path))
     np.testing.assert_allclose(g, ref, rtol=0, atol=tol * max(1e-12, np.abs(ref).max()),
                                err_msg=jax.tree_util.keystr(path))
+
+
+def _flat(tree):
+  return np.concatenate([np.ravel(np.asarray(leaf, np.float64)) for leaf in jax.tree_util.tree_leaves(tree)])
+
+
+def test_tiny_mdssd_with_winograd_on_every_3x3_conv(tiny_inputs, monkeypatch):
+  """The Winograd form wired into the whole tiny MDSSD (forced on every 3x3 stride-1 conv of at
+  least 19x19 output; its width is below the channel threshold): the loss equals the native
+  kernels' to 1e-6. Its gradients are compared in the one way this model allows: its train-mode
+  gradient is ill-conditioned (the 2x2 max pools' choices and batch norm over 2 images), so a 1e-7
+  relative change of the input alone moves them by about 1 % (relative L2 over all parameters,
+  measured here as the reference); Winograd's rounding may move them by no more than 3x that,
+  where a wrong transform or a swapped gradient moves them by 100 %. Each conv shape's value and
+  gradients are checked against the float64 definition in the test further down."""
+  variables, images = tiny_inputs
+  ref_value, ref_grads = _run(_tiny(kernels="native"), variables, images)
+  noisy = images * (1 + 1e-7 * np.random.default_rng(1).standard_normal(images.shape))
+  _, noisy_grads = _run(_tiny(kernels="native"), variables, noisy.astype(np.float32))
+  monkeypatch.setattr(kernels, "WINOGRAD_MIN_CHANNELS", 0)
+  monkeypatch.setattr(kernels, "WINOGRAD_MAX_CHANNEL_DROP", float("inf"))
+  value, grads = _run(_tiny(kernels="cpu"), variables, images)
+  np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+  ref = _flat(ref_grads)
+  conditioning = np.linalg.norm(_flat(noisy_grads) - ref) / np.linalg.norm(ref)
+  assert 1e-4 < conditioning < 0.05, conditioning
+  assert np.linalg.norm(_flat(grads) - ref) / np.linalg.norm(ref) <= 3 * conditioning
 
 
 def _get(tree, path):
@@ -302,7 +328,9 @@ def test_cpu_conv_forms_match_the_definition_on_every_model_layer_shape(monkeypa
   sum of |terms| (K terms per sum). `conv_matmul_wgrad` (XLA's forward and input gradient, matmul
   weight gradient, forced on every shape: at batch 1 most are below its size threshold) on every
   shape; `conv_winograd_grads` (the Winograd forward and gradients, as differentiation runs them)
-  on every 3x3 stride-1 shape, whatever its channels, sizes odd and even, padding 1 and 0."""
+  on every shape where `conv_cpu` picks it (sizes odd and even, padding 1 and 0). On maps of a few
+  pixels the direct bound is too tight for Winograd (its transforms add a few roundings to sums of
+  one to four terms); the rule keeps it off those."""
   monkeypatch.setattr(kernels, "MATMUL_WGRAD_MIN_TAP_MACS", 0)
   eps = np.finfo(np.float32).eps
   layers = _model_conv_shapes(batch=1)
@@ -315,7 +343,7 @@ def test_cpu_conv_forms_match_the_definition_on_every_model_layer_shape(monkeypa
     w = (rng.standard_normal(layer["kernel_shape"]) / np.sqrt(kh * kw * cin)).astype(np.float32)
     args = (layer["strides"], layer["padding"], layer["dilation"])
     forms = [lambda x, w, args=args: kernels.conv_matmul_wgrad(x, w, *args)]
-    if (kh, kw) == (3, 3) and args[0] == (1, 1) and args[2] == (1, 1):
+    if kernels.winograd_applies(layer["input_shape"], layer["kernel_shape"], *args, np.float32):
       forms.append(lambda x, w, padding=args[1]: kernels.conv_winograd_grads(x, w, padding))
       winograd_shapes += 1
     want = bounds = None
@@ -330,7 +358,7 @@ def test_cpu_conv_forms_match_the_definition_on_every_model_layer_shape(monkeypa
       for name, g, ref, bound, k in zip(("y", "dx", "dw"), got, want, bounds, terms):
         excess = np.abs(np.asarray(g, np.float64) - ref) - 4 * eps * np.sqrt(k) * bound
         assert excess.max() <= 1e-30, (name, form, layer, float(excess.max()))
-  assert winograd_shapes >= 30
+  assert winograd_shapes >= 15
 
 
 def test_winograd_runs_on_the_wide_convs_only():
