@@ -5,8 +5,9 @@ the list is the model's own), at the benchmark's batch and float32 on the CPU: t
 forward + backward (value and both gradients of sum(y^2)) of
 
   - "XLA": `lax.conv_general_dilated` and the gradients XLA derives for it;
-  - "CPU form": `kernels.conv_cpu`, what `config.model.kernels="auto"` runs on a CPU (the same
-    forward; the weight gradient as matmuls);
+  - "CPU form": `kernels.conv_cpu`, what `config.model.kernels="auto"` runs on a CPU (Winograd
+    F(2x2, 3x3) for the wide 3x3 stride-1 convs; otherwise XLA's forward with matmul weight
+    gradients);
   - "torch": `torch.nn.Conv2d` (NCHW), measured by benchmarks/torch_cpu.py under the torch Python.
 
 `bench_train --torch_cpu` prints this table after the whole-step one. Alone:

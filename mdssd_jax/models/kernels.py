@@ -4,7 +4,8 @@ One set of parameters, two implementations each, chosen by `config.model.kernels
 
 | op | "native" (GPU, TPU) | "cpu" (XLA:CPU) |
 |---|---|---|
-| every conv's gradients (`conv`) | XLA's transposed convolutions | input gradient: XLA's (a forward conv for stride 1); weight gradient: one chunked matmul per kernel tap (`conv_weight_grad`) |
+| wide 3x3 stride-1 convs, trained (`conv_cpu`) | XLA's convolution and its transposed convolutions | Winograd F(2x2, 3x3) forward and both gradients (`conv_winograd_grads`) |
+| every other conv's gradients (`conv_cpu`) | XLA's transposed convolutions | input gradient: XLA's (a forward conv for stride 1); weight gradient: one chunked matmul per kernel tap (`conv_weight_grad`) |
 | stride-2 transposed conv | one conv with `lhs_dilation` (what `lax.conv_transpose` emits) | zero insertion by `lax.pad` interior padding, then a stride-1 conv |
 | 2x2 stride-2 max pool | `lax.reduce_window` (max) | argmax + one-hot product over the 4 window taps |
 
@@ -232,12 +233,14 @@ conv_matmul_wgrad.defvjp(_conv_matmul_wgrad_fwd, _conv_matmul_wgrad_bwd)
 # input patch under it, * elementwise. Over all tiles and channels the elementwise products are 16
 # matmuls (one per position of the 4x4 transformed tile) of (tiles, Cin) x (Cin, Cout): 16 / 36 of
 # a direct 3x3 conv's multiply-adds, in the forward and in both gradients. The transforms hold
-# only 0, +-1 and +-1/2, so the values stay within a few float32 roundings of the definition.
+# only 0, +-1 and +-1/2: on the shapes where it runs, values and gradients stay within the direct
+# sum's float32 bound (tests/test_kernels.py).
 WINOGRAD_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32)
 WINOGRAD_G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.float32)
 WINOGRAD_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)
 # Where the Winograd form runs (`winograd_applies`), measured per conv shape of SSD300, MDSSD300
-# and MDSSD300-COCO at batch 4 (forward + backward, docs/model.md "Winograd"): it takes 0.42-0.94x
+# and MDSSD300-COCO at batch 4 (forward + backward; docs/model.md, "Why the wide 3x3 convolutions
+# train as Winograd on the CPU"): it takes 0.42-0.94x
 # the time of XLA's conv with matmul weight gradients on every trunk, Fusion Block and wide-head
 # conv with at least 64 channels in and out, an output of at least 19x19, and no more than 4x
 # fewer outputs than inputs; on the narrow heads (512 -> 16, 1024 -> 24, 1024 -> 126) and maps of
@@ -368,17 +371,19 @@ def _bmm(a, b, contract):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def conv_winograd_grads(x, kernel, padding):
-  """3x3 stride-1 convolution (NHWC / HWIO, explicit padding): XLA's forward, both gradients by
-  Winograd F(2x2, 3x3).
+  """3x3 stride-1 convolution (NHWC / HWIO, explicit padding) that trains as Winograd F(2x2, 3x3).
 
   Args:
     x: (B, H, W, Cin) float32. kernel: (3, 3, Cin, Cout). padding: ((top, bottom), (left, right)).
   Returns:
     (B, H + top + bottom - 2, W + left + right - 2, Cout).
-  The forward stays XLA's convolution (as fast as the Winograd forward at 512 channels, up to 2x
-  faster at 64-128, and what inference runs). The backward shares one transformed output gradient
-  dM between dV = dM U^T (-> dx) and dU = V^T dM (-> dw), and recomputes V from x rather than
-  keeping it (4x the input's size) from the forward.
+  Called without differentiation (inference, evaluation, export) it is XLA's convolution: alone, the
+  Winograd forward is no faster (its input transform costs what its 16 matmuls save, and at 64-128
+  channels it is 2x slower). Differentiated, the forward is Winograd; the residual is x, as for
+  XLA's conv, and the backward transforms it again (the same ops on the same x, which XLA may merge
+  with the forward's: keeping V, 4x the input's size, measured no faster); it shares one transformed
+  output gradient dM between dV = dM U^T (-> dx) and dU = V^T dM (-> dw). Forward + backward take
+  0.42-0.94x the time of XLA's forward with matmul gradients on the shapes where `conv_cpu` picks it.
   """
   return _xla_conv(x, kernel, (1, 1), padding, (1, 1))
 
