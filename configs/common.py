@@ -64,8 +64,8 @@ def base_config():
   # False: Fusion Blocks without their deconvolution branch, the shallow path alone (a control that
   # isolates what the deep map's semantics add: the study's mdssd_bn_shallow). True = the paper.
   c.model.fusion_deep_branch = True
-  # "auto": native convs / transposed convs / reduce_window on GPU and TPU, the XLA:CPU-fastest forms
-  # on CPU (the wide 3x3 convs train as Winograd F(2x2, 3x3), other convs get matmul weight
+  # "auto": native convs / transposed convs / reduce_window on GPU and TPU, the XLA:CPU-fastest
+  # forms on CPU (the wide 3x3 convs train as Winograd F(2x2, 3x3), other convs get matmul weight
   # gradients), decided when the program is lowered; "native" / "cpu" force one (docs/model.md,
   # "Kernels per platform").
   c.model.kernels = "auto"

@@ -165,7 +165,8 @@ def test_tiny_mdssd_variants_compute_the_same_loss_and_gradients(tiny_inputs, se
 
 
 def _flat(tree):
-  return np.concatenate([np.ravel(np.asarray(leaf, np.float64)) for leaf in jax.tree_util.tree_leaves(tree)])
+  return np.concatenate([np.ravel(np.asarray(leaf, np.float64))
+                         for leaf in jax.tree_util.tree_leaves(tree)])
 
 
 def test_tiny_mdssd_with_winograd_on_every_3x3_conv(tiny_inputs, monkeypatch):
@@ -364,8 +365,8 @@ def test_cpu_conv_forms_match_the_definition_on_every_model_layer_shape(monkeypa
 def test_winograd_runs_on_the_wide_convs_only():
   """The shape rule on SSD300 at batch 4: the trunk's 3x3 convs from conv1_2 to conv5_3 run as
   Winograd; conv1_1 (3 input channels), fc6 (dilated), the stride-2 and 5x5-or-smaller extras and
-  the narrow heads (512 -> 16 and -> 84 on conv4_3, 1024 -> 24 and -> 126 on fc7) do not; neither does
-  bfloat16, nor anything on GPU/TPU (the lowering tests above)."""
+  the narrow heads (512 -> 16 and -> 84 on conv4_3, 1024 -> 24 and -> 126 on fc7) do not; neither
+  does bfloat16, nor anything on GPU/TPU (the lowering tests above)."""
   from configs import ssd300_voc  # pylint: disable=g-import-not-at-top
   config = ssd300_voc.get_config()
   config.model.kernels = "cpu"
