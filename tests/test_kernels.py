@@ -169,9 +169,9 @@ def _flat(tree):
                          for leaf in jax.tree_util.tree_leaves(tree)])
 
 
-def test_tiny_mdssd_with_winograd_on_every_3x3_conv(tiny_inputs, monkeypatch):
-  """The Winograd form wired into the whole tiny MDSSD (forced on every 3x3 stride-1 conv of at
-  least 19x19 output; its width is below the channel threshold): the loss equals the native
+def test_tiny_mdssd_with_winograd_on_its_large_3x3_convs(tiny_inputs, monkeypatch):
+  """The Winograd form wired into the whole tiny MDSSD (its width is below the channel threshold,
+  so the channel rules are lifted: every 3x3 stride-1 conv of at least 19x19 output runs it): the loss equals the native
   kernels' to 1e-6. Its gradients are compared in the one way this model allows: its train-mode
   gradient is ill-conditioned (the 2x2 max pools' choices and batch norm over 2 images), so a 1e-7
   relative change of the input alone moves them by about 1 % (relative L2 over all parameters,

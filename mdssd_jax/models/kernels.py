@@ -254,11 +254,10 @@ def winograd_applies(x_shape, kernel_shape, strides, padding, dilation, dtype) -
   """Whether `conv_cpu` runs this conv (NHWC / HWIO, explicit padding) as Winograd F(2x2, 3x3)."""
   if tuple(kernel_shape[:2]) != (3, 3) or tuple(strides) != (1, 1) or tuple(dilation) != (1, 1):
     return False
-  (top, bottom), (left, right) = padding
-  out_px = (x_shape[1] + top + bottom - 2) * (x_shape[2] + left + right - 2)
+  out_h, out_w, *_ = _winograd_geometry(x_shape, padding)
   cin, cout = kernel_shape[2:]
   return (jnp.dtype(dtype) == jnp.float32 and min(cin, cout) >= WINOGRAD_MIN_CHANNELS
-          and cout * WINOGRAD_MAX_CHANNEL_DROP >= cin and out_px >= WINOGRAD_MIN_OUTPUT_PX)
+          and cout * WINOGRAD_MAX_CHANNEL_DROP >= cin and out_h * out_w >= WINOGRAD_MIN_OUTPUT_PX)
 
 
 def _combine(matrix, terms):
@@ -301,6 +300,9 @@ def _untile_rows(parts, axis):
 
 
 def _winograd_geometry(x_shape, padding):
+  """(out_h, out_w, tiles_h, tiles_w, pads) of a 3x3 stride-1 conv of x_shape (B, H, W, C) with
+  padding ((top, bottom), (left, right)); pads: the jnp.pad widths giving 2 * tiles + 2 rows and
+  columns."""
   _, h, w, _ = x_shape
   (top, bottom), (left, right) = padding
   out_h, out_w = h + top + bottom - 2, w + left + right - 2
