@@ -22,6 +22,8 @@ def prepare(config):
   data_cfg = config.data
   bad_annotations = report.check_policy(data_cfg.get("bad_annotations", "error"))
   info = registry.get_dataset(data_cfg)
+  if info.describe:
+    print(info.describe, flush=True)   # the first line: what is read, in which format
   manual_dir = data_cfg.manual_dir or registry.default_manual_dir(data_cfg.data_dir)
   missing = [m for m in (part.missing_files(manual_dir) for part in info.parts
                          if not part.make_builder(data_cfg.data_dir).is_prepared()) if m]

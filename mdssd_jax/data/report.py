@@ -33,6 +33,11 @@ COUNTERS = {
     "objects_other_classes": "objects of classes outside the chosen list, left out",
 }
 
+# What a builder that reads a user's files tallies per split, so that the report adds up to the
+# files: images_in_files = images_stored + images_skipped, boxes_in_files = boxes_stored +
+# boxes_skipped (with their images or alone) + boxes_degenerate_dropped.
+TOTALS = ("images_in_files", "images_stored", "images_skipped", "boxes_in_files", "boxes_stored",
+          "boxes_skipped")
 
 # The logger of the live status records, and how often a split's generation sends one.
 STATUS_LOGGER = "mdssd_jax.status"
@@ -90,6 +95,7 @@ class PrepareReport:
   def __init__(self, bad_annotations: str = "error"):
     self.bad_annotations = check_policy(bad_annotations)
     self.splits: Dict[str, Dict[str, Any]] = {}
+    self.notes = []
 
   def _split(self, split):
     return self.splits.setdefault(split, {"skipped": [], "counts": {}, "files": {}})
@@ -116,6 +122,16 @@ class PrepareReport:
     if len(files) < MAX_FILES_LISTED and (not files or files[-1] != file):
       files.append(file)
 
+  def tally(self, split: str, what: str, n: int = 1) -> None:
+    """Adds n to the split's total `what` (a TOTALS key): what the files hold and what was kept."""
+    assert what in TOTALS, what
+    totals = self._split(split).setdefault("totals", {})
+    totals[what] = totals.get(what, 0) + int(n)
+
+  def note(self, text: str) -> None:
+    """A line the prepare prints and keeps (e.g. how the evaluation images were chosen)."""
+    self.notes.append(text)
+
   def as_dict(self, tfds_name: str, examples: Mapping[str, int]) -> Dict[str, Any]:
     splits = {}
     for split in sorted(set(self.splits) | set(examples)):
@@ -123,7 +139,12 @@ class PrepareReport:
       splits[split] = {"examples": int(examples.get(split, 0)), "skipped": s["skipped"],
                        **{what: s["counts"].get(what, 0) for what in COUNTERS},
                        "files": s["files"]}
-    return {"dataset": tfds_name, "bad_annotations": self.bad_annotations, "splits": splits}
+      if "totals" in s:
+        splits[split]["totals"] = {what: s["totals"].get(what, 0) for what in TOTALS}
+    out = {"dataset": tfds_name, "bad_annotations": self.bad_annotations, "splits": splits}
+    if self.notes:
+      out["notes"] = list(self.notes)
+    return out
 
 
 def for_builder(builder) -> PrepareReport:
@@ -151,9 +172,13 @@ def read(data_path: str) -> Optional[Dict[str, Any]]:
 
 def summary(report: Mapping[str, Any]) -> str:
   """One line per split with anything to say, e.g. "train: 2 bad annotations skipped, ..."."""
-  lines = []
+  lines = [f"  {note}" for note in report.get("notes", ())]
   for split, s in sorted(report["splits"].items()):
     parts = []
+    if "totals" in s:
+      t = s["totals"]
+      parts.append(f"{t['images_stored']} of {t['images_in_files']} images and {t['boxes_stored']} "
+                   f"of {t['boxes_in_files']} boxes stored")
     if s["skipped"]:
       parts.append(f"{len(s['skipped'])} bad annotation(s) skipped")
     parts += [f"{s[what]} {text}" for what, text in COUNTERS.items() if s.get(what)]

@@ -42,6 +42,9 @@ def _tt100k(entry, name, class_names, label_to_category_id):
 
 
 METRICS: Dict[str, Callable[..., Any]] = {"voc": _voc, "coco": _coco, "tt100k": _tt100k}
+# The accumulator class of each type (its HEADLINE names the metric a run is judged by).
+METRIC_CLASSES: Dict[str, Any] = {"voc": voc.VocMetric, "coco": coco.CocoMetric,
+                                  "tt100k": tt100k.Tt100kMetric}
 
 
 def make_metric(entry: Mapping[str, Any], class_names: Sequence[str],

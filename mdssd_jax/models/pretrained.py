@@ -440,3 +440,134 @@ def init_from_config(model_cfg, params):
   if not model_cfg.init_from:
     return params, dict(model_cfg.pixel)
   return load_vgg16(model_cfg.init_from, params, model_cfg.init_source)
+
+
+# ---- a whole trained detector: torchvision's ssd300_vgg16 ---------------------------------------
+#
+# torchvision's SSD300 (`ssd300_vgg16_coco-b556d3b4.pth`) is SSD300 layer for layer: the VGG16 trunk
+# up to conv4_3 in `backbone.features`, conv5_x + fc6/fc7 as convs in `backbone.extra.0`, the four
+# extra stages in `backbone.extra.1..4`, conv4_3's L2Norm scale `backbone.scale_weight`, and one
+# 3x3 conv per head in `head.{regression,classification}_head.module_list.{0..5}`, whose channels
+# are laid out (default box, value) as ours are. Its class heads have 91 outputs per default box:
+# background and COCO's category ids 1..90 (unused ids included). Its input is RGB 0..255 minus the
+# mean (0.48235, 0.45882, 0.40784) x 255 (its GeneralizedRCNNTransform with std 1/255).
+
+TORCHVISION_SSD300_PIXELS = dict(channel_order="RGB", input_range=255.0,
+                                 mean=(0.48235 * 255, 0.45882 * 255, 0.40784 * 255),
+                                 std=(1.0, 1.0, 1.0))
+TORCHVISION_SSD300_HEADS = ("conv4_3", "conv7", "conv8_2", "conv9_2", "conv10_2", "conv11_2")
+TORCHVISION_COCO_OUTPUTS = 91   # background + category ids 1..90
+
+
+def torchvision_ssd300_keys() -> Dict[Tuple[str, ...], str]:
+  """{our param path: torchvision key prefix} for the trunk, extras and L2Norm (heads apart)."""
+  keys = {}
+  for name, index in zip(vgg.trunk_layer_names()[:10], _FEATURE_INDICES[:10]):
+    keys[("vgg", name, "conv")] = f"backbone.features.{index}"
+  for name, index in zip(("conv5_1", "conv5_2", "conv5_3"), (1, 3, 5)):
+    keys[("vgg", name, "conv")] = f"backbone.extra.0.{index}"
+  keys[("vgg", "conv6", "conv")] = "backbone.extra.0.7.1"
+  keys[("vgg", "conv7", "conv")] = "backbone.extra.0.7.3"
+  for stage, name in enumerate(("conv8", "conv9", "conv10", "conv11"), start=1):
+    keys[(f"{name}_1", "conv")] = f"backbone.extra.{stage}.0"
+    keys[(f"{name}_2", "conv")] = f"backbone.extra.{stage}.2"
+  return keys
+
+
+def is_torchvision_ssd300(keys) -> bool:
+  keys = set(keys)
+  return {"backbone.features.0.weight", "head.classification_head.module_list.0.weight"} <= keys
+
+
+def _get(tree, path):
+  for part in path:
+    if not isinstance(tree, Mapping) or part not in tree:
+      return None
+    tree = tree[part]
+  return tree
+
+
+def _set(tree, path, value):
+  """A copy of the nested dict `tree` with tree[path] = value (the untouched branches shared)."""
+  if not path:
+    return value
+  out = dict(tree)
+  out[path[0]] = _set(tree[path[0]], path[1:], value)
+  return out
+
+
+def load_torchvision_ssd300(path: str, params, head_sources: Tuple[str, ...],
+                            coco_category_ids=None):
+  """Detector params with every layer of torchvision's ssd300_vgg16 that fits loaded.
+
+  Args:
+    path: the .pth file (read with the restricted unpickler: no code runs).
+    params: the detector's "params" tree; every leaf torchvision has at our shape is replaced.
+    head_sources: config.model.head_sources; the heads map only when they are SSD300's six.
+    coco_category_ids: for each of our labels 1..C, its COCO category id (1..90), when every class is
+      a COCO class: the class heads then keep torchvision's background channel and those classes'.
+      None: the class heads start fresh.
+  Returns:
+    (new params (loaded leaves np.float32), pixel convention, names of the loaded layers, {names of
+    the layers that start fresh: why}).
+  """
+  state = read_state_dict(path)
+  if not is_torchvision_ssd300(state.keys()):
+    raise ValueError(f"{path}: not torchvision's ssd300_vgg16 (no backbone.features.* and "
+                     "head.classification_head.* keys)")
+  layers = {p: (state.get(f"{k}.weight"), state.get(f"{k}.bias"))
+            for p, k in torchvision_ssd300_keys().items()}
+  if tuple(head_sources) == TORCHVISION_SSD300_HEADS:
+    for i, source in enumerate(head_sources):
+      layers[(f"{source}_loc",)] = (state[f"head.regression_head.module_list.{i}.weight"],
+                                    state[f"head.regression_head.module_list.{i}.bias"])
+      w = state[f"head.classification_head.module_list.{i}.weight"]
+      b = state[f"head.classification_head.module_list.{i}.bias"]
+      if coco_category_ids is not None:
+        keep = np.asarray([0] + [int(c) for c in coco_category_ids])
+        per_box = w.shape[0] // TORCHVISION_COCO_OUTPUTS
+        w = w.reshape(per_box, TORCHVISION_COCO_OUTPUTS, *w.shape[1:])[:, keep].reshape(
+            per_box * len(keep), *w.shape[1:])
+        b = b.reshape(per_box, TORCHVISION_COCO_OUTPUTS)[:, keep].reshape(-1)
+        layers[(f"{source}_conf",)] = (w, b)
+  loaded, fresh = [], {}
+  new_params = params
+  for layer, (w, b) in layers.items():
+    name = "/".join(p for p in layer if p not in ("vgg", "conv"))
+    ours = _get(params, layer)
+    if ours is None:
+      continue   # MDSSD: no such layer (its heads read the Fusion Blocks)
+    if "bias" not in ours:
+      fresh[name] = "batch norm follows it here (torchvision's SSD300 has none)"
+      continue
+    kernel = np.ascontiguousarray(np.asarray(w, np.float32).transpose(2, 3, 1, 0))   # OIHW -> HWIO
+    if kernel.shape != tuple(ours["kernel"].shape) or b.shape != tuple(ours["bias"].shape):
+      fresh[name] = (f"torchvision's {tuple(kernel.shape)} (HWIO) does not fit "
+                     f"{tuple(ours['kernel'].shape)}")
+      continue
+    new_params = _set(new_params, layer, dict(ours, kernel=kernel, bias=np.asarray(b, np.float32)))
+    loaded.append(name)
+  scale = _get(params, ("conv4_3_norm", "scale"))
+  if scale is not None and state["backbone.scale_weight"].shape == tuple(scale.shape):
+    new_params = _set(new_params, ("conv4_3_norm", "scale"),
+                      np.asarray(state["backbone.scale_weight"], np.float32))
+    loaded.append("conv4_3_norm")
+  for name in _leaf_layers(params):
+    if name not in loaded and name not in fresh:
+      fresh[name] = ("the classes are not all COCO's" if name.endswith("_conf") and
+                     tuple(head_sources) == TORCHVISION_SSD300_HEADS else "not in torchvision's SSD300")
+  return new_params, dict(TORCHVISION_SSD300_PIXELS), loaded, fresh
+
+
+def _leaf_layers(params):
+  """Layer names of a params tree as load_torchvision_ssd300 names them ("conv1_1", "conv7_conf")."""
+  names = []
+
+  def walk(prefix, node):
+    if isinstance(node, Mapping) and node and not any(isinstance(v, Mapping) for v in node.values()):
+      names.append("/".join(p for p in prefix if p not in ("vgg", "conv")))
+      return
+    for key, value in (node.items() if isinstance(node, Mapping) else ()):
+      walk(prefix + (key,), value)
+  walk((), params)
+  return names

@@ -18,6 +18,7 @@ from mdssd_jax.inference import predictor
 from mdssd_jax.report import history
 from mdssd_jax.report import plots
 from mdssd_jax.report import progress
+from mdssd_jax.run import data_config
 from mdssd_jax.run import predict as run_predict
 from mdssd_jax.state import weights
 
@@ -86,6 +87,7 @@ def evaluate_checkpoint(config, workdir: str, step: Optional[int] = None) -> Dic
   from the checkpoint, and no optimiser is built.
   """
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  config, _ = data_config.resolve(config)   # a user's own data: class count and metric from it
   mesh = multihost.data_mesh()
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   detector = weights.load_detector(config, workdir, step, sharding=replicated)

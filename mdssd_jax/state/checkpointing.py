@@ -162,6 +162,12 @@ def make_reader(directory):
                                item_names=("state", "data_iter", "meta"))
 
 
+def restore_as_saved(manager, step):
+  """The `state` item of checkpoint `step` as it was saved (host arrays), whatever model wrote it:
+  no target structure, so a checkpoint of another class count can be read (fine-tuning)."""
+  return manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))["state"]
+
+
 def restore_variables(manager, step, abstract_variables, sharding):
   """The model's variables of checkpoint `step` and nothing else of its state.
 

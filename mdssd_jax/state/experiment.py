@@ -6,6 +6,8 @@ optimiser and the pixel convention; it makes a fresh training state or restores 
 eval, predict and export restore weights and metadata alone (state/weights.py).
 """
 
+import os
+
 from absl import logging
 import jax
 import jax.numpy as jnp
@@ -14,6 +16,7 @@ import numpy as np
 from mdssd_jax import models
 from mdssd_jax.core import pixels
 from mdssd_jax.core.multihost import DATA_AXIS, data_mesh  # pylint: disable=unused-import  (re-exported)
+from mdssd_jax.data import coco
 from mdssd_jax.data import registry
 from mdssd_jax.state import checkpointing
 from mdssd_jax.state import optim
@@ -84,6 +87,8 @@ class Setup:
   def __init__(self, config, devices=None):
     """`devices`: the mesh's devices, all of them by default (a subset, or a TPU topology's devices
     for ahead-of-time compilation without a TPU: benchmarks/aot_compile.py)."""
+    self.dataset = registry.get_dataset(config.data)
+    config = weights.with_num_classes(config, self.dataset.num_classes)   # 0 = from the data
     self.config = config
     # A plain Mesh (Auto axes): XLA propagates the "data" sharding through the model; matching and
     # the loss run per device under shard_map (train.make_train_step).
@@ -91,7 +96,6 @@ class Setup:
     self.batch_sharding = jax.sharding.NamedSharding(self.mesh,
                                                      jax.sharding.PartitionSpec(DATA_AXIS))
     self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    self.dataset = registry.get_dataset(config.data)
     if self.dataset.num_classes != config.model.num_classes:
       raise ValueError(
           f"config.model.num_classes={config.model.num_classes} but data set {config.data.name!r} "
@@ -107,16 +111,35 @@ class Setup:
     variables = jax.jit(lambda r: init_variables(self.model, self.config, r),
                         out_shardings=self.replicated)(init_rng)
     if self.config.model.init_from:
-      from mdssd_jax.models import pretrained  # pylint: disable=g-import-not-at-top  (reads files; rarely used)
-      params, convention = pretrained.load_vgg16(
-          self.config.model.init_from, jax.device_get(variables["params"]),
-          source=self.config.model.init_source)
+      variables, convention = self._init_from(jax.device_get(variables))
       self.convention = pixels.as_convention(convention)
-      variables = dict(variables, params=jax.device_put(params, self.replicated))
-      logging.info("initialised the VGG16 trunk from %s (pixel convention %s)",
-                   self.config.model.init_from, self.convention)
+      variables = jax.device_put(variables, self.replicated)
     return jax.jit(lambda v, r: create_state(v, self.tx, r),
                    out_shardings=self.replicated)(variables, state_rng)
+
+  def _init_from(self, variables):
+    """(variables, pixel convention) started from config.model.init_from: a checkpoint of this
+    project (fine-tuning: what fits is loaded), torchvision's SSD300 file, or ImageNet VGG16."""
+    from mdssd_jax.models import pretrained  # pylint: disable=g-import-not-at-top  (reads files; rarely used)
+    path, model_cfg = self.config.model.init_from, self.config.model
+    if os.path.isdir(path):
+      variables, convention, what = weights.init_from_checkpoint(path, variables)
+      _say_what_was_loaded(f"the checkpoint of step {what['step']} in {path} (classes "
+                           f"{what['class_names']})", what["loaded"], what["fresh"])
+      return variables, convention
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"config.model.init_from={path}: no such file or folder (a weights "
+                              "file, or a workdir / checkpoint folder of this project)")
+    if model_cfg.init_source in ("auto", "torchvision_ssd300") and pretrained.is_torchvision_ssd300(
+        pretrained.read_state_dict(path).keys()):
+      params, convention, loaded, fresh = pretrained.load_torchvision_ssd300(
+          path, variables["params"], tuple(model_cfg.head_sources),
+          coco_category_ids=coco_ids_of(self.dataset.class_names))
+      _say_what_was_loaded(f"torchvision's SSD300 {path}", loaded, fresh)
+      return dict(variables, params=params), convention
+    params, convention = pretrained.load_vgg16(path, variables["params"], source=model_cfg.init_source)
+    logging.info("initialised the VGG16 trunk from %s (pixel convention %s)", path, convention)
+    return dict(variables, params=params), convention
 
   def abstract_state(self):
     """Shapes, dtypes and shardings of the state, without computing it."""
@@ -161,6 +184,20 @@ class Setup:
                                     manager.directory)
     state, meta = checkpointing.restore(manager, step, abstract, data_iterator)
     return state
+
+
+def coco_ids_of(class_names):
+  """COCO's category id of each class name when every one is a COCO class (any case), else None."""
+  ids = {name.lower(): cid for cid, name in coco.COCO_CATEGORIES}
+  found = [ids.get(str(name).strip().lower()) for name in class_names]
+  return None if None in found else found
+
+
+def _say_what_was_loaded(source, loaded, fresh):
+  logging.info("initialised %d layers from %s: %s", len(loaded), source, ", ".join(loaded) or "none")
+  if fresh:
+    logging.info("%d layers start fresh: %s", len(fresh),
+                 "; ".join(f"{name} ({why})" for name, why in fresh.items()))
 
 
 def load_checkpoint(config, workdir, step=None):

@@ -10,6 +10,7 @@ model is refused with every differing field named. MaxText's `load_params_from_p
 precedent.
 """
 
+import copy
 import dataclasses
 import os
 from typing import Any, Dict, Mapping, Optional, Tuple
@@ -71,6 +72,16 @@ def label_map_from_meta(meta: Mapping[str, Any]) -> Optional[Dict[int, int]]:
   return {int(label): int(cid) for label, cid in meta["label_to_category_id"]}
 
 
+def with_num_classes(config, num_classes: int):
+  """config itself, or a copy whose model.num_classes is `num_classes` when it says 0 ("from the
+  data": configs for a user's own data, docs/your_data.md)."""
+  if int(config.model.num_classes) != 0:
+    return config
+  config = copy.deepcopy(config)
+  config.model.num_classes = int(num_classes)
+  return config
+
+
 def load_detector(config, workdir: str, step: Optional[int] = None,
                   sharding: Optional[jax.sharding.Sharding] = None) -> TrainedDetector:
   """The trained detector of the latest (or `step`) checkpoint of `workdir`.
@@ -87,14 +98,15 @@ def load_detector(config, workdir: str, step: Optional[int] = None,
     ValueError: the checkpoint belongs to another model (every differing field named).
   """
   checkpoint_dir, step = checkpoint_dir_and_step(workdir, step)
-  model, anchors = models.build_detector(config)
-  abstract, _, _ = models.abstract_forward(model, int(config.model.input_size_px))
-  abstract = {k: v for k, v in abstract.items() if k in ("params", "batch_stats")}
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   reader = checkpointing.make_reader(checkpoint_dir)
   try:
     meta = checkpointing.restore_meta(reader, step)
     class_names = tuple(meta["class_names"])
+    config = with_num_classes(config, len(class_names))
+    model, anchors = models.build_detector(config)
+    abstract, _, _ = models.abstract_forward(model, int(config.model.input_size_px))
+    abstract = {k: v for k, v in abstract.items() if k in ("params", "batch_stats")}
     convention = pixels.as_convention(meta["pixel_convention"])
     # Class names and the convention come from the checkpoint, so they agree with the saved ones by
     # construction; what is checked is the model (config.model, config.anchors, parameter shapes).
@@ -109,3 +121,89 @@ def load_detector(config, workdir: str, step: Optional[int] = None,
                          convention=convention, class_names=class_names,
                          label_to_category_id=label_map_from_meta(meta), step=step,
                          fingerprint=fingerprint)
+
+
+# ---- fine-tuning: a checkpoint of this project as the starting point of another run ---------------
+
+def _step_folder(path: str) -> Tuple[str, int]:
+  """(checkpoints folder, step) of a workdir, its checkpoints/ folder or one step's folder."""
+  path = os.path.abspath(path)
+  name = os.path.basename(path.rstrip("/"))
+  if name.isdigit() and os.path.isdir(os.path.join(path, "state")):
+    return os.path.dirname(path), int(name)
+  for folder in (os.path.join(path, "checkpoints"), path):
+    steps = checkpointing.available_steps(folder)
+    if steps:
+      return folder, steps[-1]
+  raise FileNotFoundError(f"config.model.init_from={path}: no checkpoint there. Name a workdir of "
+                          "this project, its checkpoints/ folder or one step's folder "
+                          "(checkpoints/<step>/), or a weights file")
+
+
+def _paths(tree, prefix=()):
+  """{path tuple: leaf} of a nested dict."""
+  if not isinstance(tree, Mapping):
+    return {prefix: tree}
+  out = {}
+  for key, value in tree.items():
+    out.update(_paths(value, prefix + (key,)))
+  return out
+
+
+def _unflatten(flat):
+  tree = {}
+  for path, value in flat.items():
+    node = tree
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+  return tree
+
+
+def init_from_checkpoint(path: str, variables: Mapping[str, Any]):
+  """Fresh variables with every array of a trained checkpoint that fits loaded into them.
+
+  Args:
+    path: a workdir of this project, its checkpoints/ folder, or one step's folder.
+    variables: {"params", maybe "batch_stats"} of the new model (host arrays).
+  Returns:
+    (variables, the checkpoint's pixel convention, {"loaded": [layer, ...], "fresh": {layer: why},
+    "step": the checkpoint's step, "class_names": its classes}). A layer is loaded when every array
+    of it exists in the checkpoint at the same shape (the class heads start fresh when the class
+    count differs); its batch statistics come with it.
+  """
+  checkpoint_dir, step = _step_folder(path)
+  reader = checkpointing.make_reader(checkpoint_dir)
+  try:
+    meta = checkpointing.restore_meta(reader, step)
+    saved = checkpointing.restore_as_saved(reader, step)
+  finally:
+    reader.close()
+  saved_flat = {}
+  for collection in ("params", "batch_stats"):
+    saved_flat.update({(collection,) + p: np.asarray(v)
+                       for p, v in _paths(saved.get(collection) or {}).items()})
+  new_flat = {}
+  for collection in ("params", "batch_stats"):
+    if collection in variables:
+      new_flat.update({(collection,) + p: v for p, v in _paths(variables[collection]).items()})
+  # ("params", "vgg", "conv1_1", "conv", "kernel") -> "conv1_1": a conv and its batch norm together.
+  layer_of = lambda p: "/".join(k for k in p[1:-1] if k not in ("vgg", "conv", "bn"))
+  layers = {}
+  for p in new_flat:
+    layers.setdefault(layer_of(p), []).append(p)
+  loaded, fresh = [], {}
+  for layer, paths in sorted(layers.items()):
+    misfit = [p for p in paths if p not in saved_flat
+              or tuple(saved_flat[p].shape) != tuple(np.shape(new_flat[p]))]
+    if misfit:
+      p = misfit[0]
+      fresh[layer] = ("not in the checkpoint" if p not in saved_flat else
+                      f"{p[-1]} {tuple(saved_flat[p].shape)} there, {tuple(np.shape(new_flat[p]))} here")
+      continue
+    for p in paths:
+      new_flat[p] = saved_flat[p].astype(np.asarray(new_flat[p]).dtype)
+    loaded.append(layer)
+  out = {collection: tree for collection, tree in _unflatten(new_flat).items()}
+  return out, pixels.as_convention(meta["pixel_convention"]), dict(
+      loaded=loaded, fresh=fresh, step=step, class_names=list(meta.get("class_names", [])))
