@@ -120,6 +120,13 @@ def test_without_eval_a_seeded_share_is_held_out(native, sources, tmp_path):
     _, got = prepared(custom_config(tmp_path / str(k), **{"data.custom.train": no_val,
                                                           "data.custom.holdout_fraction": 0.25}))
     runs.append({s: sorted(r["image"] for r in got[s]) for s in got})
+  os.remove(no_val)   # prepared data needs its source no more (training on another machine)
+  config = custom_config(tmp_path / "0", **{"data.custom.train": no_val,
+                                            "data.custom.holdout_fraction": 0.25})
+  assert len(registry.open_split(registry.get_dataset(config.data), config.data.data_dir,
+                                 "validation")) == len(runs[0]["validation"])
+  with pytest.raises(FileNotFoundError, match="no_val.yaml: no such file or folder"):
+    registry.get_dataset(custom_config(tmp_path / "new", **{"data.custom.train": no_val}).data)
   n = len(splits["train"])
   assert len(runs[0]["validation"]) == round(0.25 * n) and len(runs[0]["train"]) == n - round(0.25 * n)
   assert runs[0] == runs[1]

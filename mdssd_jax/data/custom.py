@@ -95,6 +95,8 @@ def detect_format(path: str) -> Tuple[str, str]:
     return "coco", "a .json file"
   if lower.endswith((".yaml", ".yml")):
     return "yolo", "a .yaml file"
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"config.data.custom.train={path}: no such file or folder")
   if os.path.isdir(path):
     if os.path.isdir(os.path.join(path, "Annotations")):
       return "voc", "a folder with Annotations/"
@@ -120,8 +122,8 @@ def settings_from_config(custom_cfg) -> Settings:
                      "file, an ultralytics data.yaml or a VOC folder (docs/your_data.md)")
   absolute = lambda p: os.path.abspath(os.path.expanduser(str(p))) if p else ""
   train = absolute(train)
-  if not os.path.exists(train):
-    raise FileNotFoundError(f"config.data.custom.train={train}: no such file or folder")
+  # A missing source is no error here: prepared data needs it no more (builder_config); prepare
+  # and an unprepared data set say that it is missing (missing_files_message, read_classes).
   fmt = str(cfg.get("format") or "")
   if fmt:
     if fmt not in FORMATS:
@@ -132,8 +134,6 @@ def settings_from_config(custom_cfg) -> Settings:
     fmt, reason = detect_format(train)
     reason = f"detected: {reason}"
   eval_path = absolute(cfg.get("eval"))
-  if eval_path and not os.path.exists(eval_path):
-    raise FileNotFoundError(f"config.data.custom.eval={eval_path}: no such file or folder")
   fraction = float(cfg.get("holdout_fraction", 0.1))
   if not 0.0 < fraction < 1.0:
     raise ValueError(f"config.data.custom.holdout_fraction={fraction}: must be between 0 and 1 "
@@ -516,6 +516,10 @@ class Source:
 
 def read_classes(settings: Settings) -> Source:
   """The class names of the source (reads the annotations, not the images)."""
+  message = missing_files_message(settings)
+  if message:
+    raise FileNotFoundError(f"{message}; the data set is not prepared yet, so its classes are read "
+                            "from there")
   ids = None
   if settings.format == "coco":
     names, ids = coco_categories(settings.train)
