@@ -26,6 +26,19 @@ CLASS_SHAPES = ("circle", "square", "triangle", "plus", "ring", "diamond")
 # Unlabelled distractor shapes: the detector must learn to leave them alone.
 DISTRACTOR_SHAPES = ("star", "bar")
 
+# The context setting (SyntheticSpec.context, docs/study.md "The context study"): a tiny object's
+# class is its shape AND the kind of the image's one scene marker, a large texture patch in a corner
+# far from every tiny object; objects from TINY_LIMIT_PX up keep a class told by their own shape.
+CONTEXT_TINY_SHAPES = ("circle", "square", "triangle")
+CONTEXT_LOCAL_SHAPES = ("plus", "ring", "diamond")
+SCENE_KINDS = ("stripes", "checks")
+# Receptive fields at the input (VGG16, 3x3 convs, 2x2 pools): conv3_3 40 px, conv4_3 92 px. The
+# finest head of the shallow models (MDSSD's Fusion Block without its deep branch: two 3x3 convs on
+# conv3_3, then the 3x3 head, all at stride 4; ssd_fine: the head alone) sees 64 px (56 px), so half
+# a window of 46 px (conv4_3's) or more around a tiny object never reaches the marker.
+CONTEXT_MARGIN_PX = 48.0
+TINY_LIMIT_PX = 16.0
+
 # Bump when the drawing code changes: the version is part of the prepared data's path.
 _VERSION = "1.0.0"
 
@@ -56,6 +69,12 @@ class SyntheticSpec:
   # True: each class keeps one hue (jittered), so a class is told by shape AND colour: a CPU-sized
   # detector learns that in minutes (the demo). False: shape alone, a harder task.
   colour_by_class: bool = False
+  # True: the context setting (CONTEXT_* above): 3 tiny shapes x 2 scene kinds + 3 local shapes = 9
+  # classes; num_classes is not read. Objects below TINY_LIMIT_PX are tiny, the rest local.
+  context: bool = False
+  context_margin_px: float = CONTEXT_MARGIN_PX   # least gap between a tiny object and the marker
+  marker_min_px: float = 40.0        # the scene marker's side, uniform between these
+  marker_max_px: float = 56.0
 
   def __post_init__(self):
     # Config values arrive as ints or floats alike: fix the types so equal specs hash alike.
@@ -69,16 +88,25 @@ class SyntheticSpec:
                        f" <= max_object_px ({self.max_object_px}) < image_size_px ({self.image_size_px})")
     if self.num_train < 1 or self.num_test < 1:
       raise ValueError("synthetic.num_train and synthetic.num_test must be >= 1")
+    if self.context and not (self.min_object_px < TINY_LIMIT_PX <= self.max_object_px
+                             and self.marker_max_px + self.context_margin_px + TINY_LIMIT_PX
+                             < self.image_size_px):
+      raise ValueError(f"synthetic.context needs min_object_px < {TINY_LIMIT_PX:g} <= max_object_px "
+                       "and room for tiny objects beyond the marker: marker_max_px + "
+                       "context_margin_px + 16 < image_size_px (the demo's: 8, 40; 56 + 48 + 16 < 192)")
 
   @property
   def class_names(self):
+    if self.context:
+      return [f"{shape}@{scene}" for scene in SCENE_KINDS for shape in CONTEXT_TINY_SHAPES] + list(
+          CONTEXT_LOCAL_SHAPES)
     return list(CLASS_SHAPES[:self.num_classes])
 
   def config_name(self):
     """A readable name plus a hash of every field, so a changed spec never reuses stale data."""
     digest = hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode())
-    return (f"px{self.image_size_px}_n{self.num_train}-{self.num_test}_c{self.num_classes}"
-            f"_s{self.seed}_{digest.hexdigest()[:10]}")
+    return (f"px{self.image_size_px}_n{self.num_train}-{self.num_test}_c{len(self.class_names)}"
+            f"{'_context' if self.context else ''}_s{self.seed}_{digest.hexdigest()[:10]}")
 
 
 def spec_from_config(synthetic_cfg):
@@ -235,6 +263,8 @@ def render(spec, split, index, draw_objects=True):
     labels: int32 (N,) 0-based class index (TFDS ClassLabel convention).
   With draw_objects=False the same image without the class shapes (for tests: what the objects cover).
   """
+  if spec.context:
+    return render_context(spec, split, index, draw_objects)
   rng = np.random.default_rng(example_seed(spec, split, index))
   canvas = _background(spec, rng)
   for _ in range(rng.integers(0, spec.max_distractors + 1)):
@@ -255,6 +285,90 @@ def render(spec, split, index, draw_objects=True):
     else:
       colour = _contrasting_colour(local.reshape(-1, 3).mean(0), rng, spec.min_contrast)
     _paint(canvas, CLASS_SHAPES[label], box, colour, rng)
+    boxes.append(box)
+    labels.append(label)
+  noise = rng.standard_normal(canvas.shape, dtype=np.float32) * np.float32(spec.noise_std)
+  image = np.clip(np.rint((canvas if draw_objects else plain) + noise), 0, 255).astype(np.uint8)
+  boxes = np.array(boxes, np.float32).reshape(-1, 4)
+  boxes_xyxy = np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1)
+  return image, boxes_xyxy, np.array(labels, np.int32)
+
+
+def _marker_box(spec, rng):
+  """(x0, y0, w, h) px of the scene marker: a square in a random corner, a few px from the edges."""
+  side = rng.uniform(spec.marker_min_px, spec.marker_max_px)
+  inset = rng.uniform(0, 8, size=2)
+  corner = rng.integers(4)
+  x0 = inset[0] if corner % 2 == 0 else spec.image_size_px - side - inset[0]
+  y0 = inset[1] if corner < 2 else spec.image_size_px - side - inset[1]
+  return np.array([x0, y0, side, side])
+
+
+def _paint_marker(canvas, box, scene, colours, period_px):
+  """Paints the marker texture of `scene` (stripes or checks, two colours) into box, in place."""
+  x0, y0, w, h = (int(round(v)) for v in box)
+  yy, xx = np.mgrid[0:h, 0:w]
+  if SCENE_KINDS[scene] == "stripes":
+    first = (yy // period_px) % 2 == 0
+  else:
+    first = ((yy // period_px) + (xx // period_px)) % 2 == 0
+  canvas[y0:y0 + h, x0:x0 + w] = np.where(first[..., None], colours[0], colours[1])
+
+
+def _gap_px(a, b):
+  """The L-infinity gap between boxes (x0, y0, w, h): 0 when they touch or overlap."""
+  gap_x = max(b[0] - (a[0] + a[2]), a[0] - (b[0] + b[2]), 0.0)
+  gap_y = max(b[1] - (a[1] + a[3]), a[1] - (b[1] + b[3]), 0.0)
+  return max(gap_x, gap_y)
+
+
+def render_context(spec, split, index, draw_objects=True, scene=None):
+  """One image of the context setting: render()'s outputs, drawn by the same rules plus the marker.
+
+  The scene kind (0 stripes, 1 checks) is drawn first; `scene` overrides it without changing any
+  other random draw, so the two images of one index differ in the marker's pixels alone (the test of
+  the generator's promise). A tiny object (longer side < TINY_LIMIT_PX) of shape s is class
+  "s@<scene>"; its box keeps a gap of spec.context_margin_px or more from the marker's box (its
+  position is drawn again until it does); no object touches the marker.
+  """
+  rng = np.random.default_rng(example_seed(spec, split, index))
+  drawn_scene = int(rng.integers(len(SCENE_KINDS)))
+  scene = drawn_scene if scene is None else int(scene)
+  canvas = _background(spec, rng)
+  marker = _marker_box(spec, rng)
+  marker_colours = [_contrasting_colour(np.full(3, 127.5), rng, spec.min_contrast)]
+  marker_colours.append(_contrasting_colour(marker_colours[0], rng, spec.min_contrast))
+  _paint_marker(canvas, marker, scene, marker_colours, period_px=int(rng.integers(5, 9)))
+  for _ in range(rng.integers(0, spec.max_distractors + 1)):
+    box = _random_box(spec, rng)
+    if _gap_px(box, marker) <= 0:
+      continue
+    local = canvas[int(box[1]):int(box[1] + box[3]) + 1, int(box[0]):int(box[0] + box[2]) + 1]
+    colour = _contrasting_colour(local.reshape(-1, 3).mean(0), rng, spec.min_contrast)
+    _paint(canvas, DISTRACTOR_SHAPES[rng.integers(len(DISTRACTOR_SHAPES))], box, colour, rng)
+  plain = canvas.copy()
+  boxes, labels = [], []
+  num_tiny = len(CONTEXT_TINY_SHAPES)
+  for _ in range(rng.integers(0, spec.max_objects + 1)):
+    box = _random_box(spec, rng)
+    tiny = max(box[2], box[3]) < TINY_LIMIT_PX
+    shape_index = int(rng.integers(num_tiny))   # both families have three shapes
+    margin = spec.context_margin_px if tiny else 1.0
+    for _ in range(16):   # a new position (same size) until it keeps its distance from the marker
+      if _gap_px(box, marker) >= margin:
+        break
+      box[0] = rng.uniform(0, spec.image_size_px - box[2])
+      box[1] = rng.uniform(0, spec.image_size_px - box[3])
+    if _gap_px(box, marker) < margin or any(
+        _overlap_fraction(box, other) > spec.max_overlap for other in boxes):
+      continue
+    if tiny:
+      label, shape = scene * num_tiny + shape_index, CONTEXT_TINY_SHAPES[shape_index]
+    else:
+      label, shape = len(SCENE_KINDS) * num_tiny + shape_index, CONTEXT_LOCAL_SHAPES[shape_index]
+    local = canvas[int(box[1]):int(box[1] + box[3]) + 1, int(box[0]):int(box[0] + box[2]) + 1]
+    colour = _contrasting_colour(local.reshape(-1, 3).mean(0), rng, spec.min_contrast)
+    _paint(canvas, shape, box, colour, rng)
     boxes.append(box)
     labels.append(label)
   noise = rng.standard_normal(canvas.shape, dtype=np.float32) * np.float32(spec.noise_std)
