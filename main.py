@@ -22,6 +22,7 @@ from absl import flags
 from absl import logging
 
 from mdssd_jax.cli import console
+from mdssd_jax.cli import user_errors
 from mdssd_jax.report import progress
 
 # Before JAX (and TensorFlow, which clu and TFDS load) read their logging environment.
@@ -60,9 +61,22 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multihost: this process'
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _MULTIHOST.value and flags.FLAGS.verbosity < 1:
+    # Before `configure` binds the console to sys.stdout / sys.stderr: it replaces them.
+    console.hide_native_library_lines()
   # -v / --verbosity=1 (absl's flag) shows the libraries' INFO lines too; the default hides them.
   console.configure(flags.FLAGS.verbosity)
-  config = _CONFIG.value
+  try:
+    config = _CONFIG.value
+    if config is not None:
+      config.keys()   # a file that failed to load is a stand-in that raises on first use
+  except OSError as err:
+    message = user_errors.config_file_message(
+        config_flags.get_config_filename(flags.FLAGS["config"]), err)
+    if message is None:
+      raise
+    raise FileNotFoundError(message) from None
+  _LOADED["config"] = config
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/demo_synthetic.py")
   if _MULTIHOST.value:
@@ -107,6 +121,9 @@ def main(argv):
     export.export_checkpoint(config, _WORKDIR.value, step=_STEP.value, formats=_FORMATS.value,
                              tflite_quantization=_TFLITE_QUANTIZATION.value)
 
+
+# What main() loaded, for the error handler: the config (None until it loaded).
+_LOADED = {"config": None}
 
 # Errors whose message already names the problem and the fix (bad config values, missing files or
 # checkpoints, a bad annotation, a busy workdir, a diverged run): shown alone, without a traceback.
@@ -203,9 +220,11 @@ def _main_reporting_errors(argv):
   except (app.UsageError, SystemExit, KeyboardInterrupt):
     raise
   except Exception as err:  # pylint: disable=broad-except
+    # The config as main() loaded it (None if that failed): reading the flag again would raise again.
+    config = _LOADED["config"]
     message, unexpected = describe_failure(
-        err, workdir=_WORKDIR.value,
-        data_dir=_CONFIG.value.data.get("data_dir") if _CONFIG.value is not None else None)
+        err, workdir=_WORKDIR.value, data_dir=config.data.get("data_dir") if config else None)
+    console.restore_native_output()   # the libraries' last lines first, the one message last
     if unexpected or flags.FLAGS.verbosity >= 1:
       traceback.print_exc()
       sys.stderr.write("\n")
@@ -217,8 +236,30 @@ def _main_reporting_errors(argv):
     os._exit(1)  # pylint: disable=protected-access
 
 
+def _parse_flags(argv):
+  """absl's flag parsing (app.parse_flags_with_usage), a mistake ending in one `Error:` line.
+
+  A flag error (a bad value, an unknown flag) as absl words it, without its usage text; an
+  override of a config key that does not exist (ml_collections raises a KeyError inside an
+  AttributeError) names the key and the closest known ones; a missing config file names the path.
+  """
+  argv = console.expand_bare_verbose_flag(argv)   # a bare `-v` means --verbosity=1
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as err:
+    if user_errors.config_path_from_argv(argv) is None:
+      user_errors.exit_with_error("--config is required, e.g. --config=configs/tiny_mdssd.py")
+    user_errors.exit_with_error(f"{err} (python main.py --helpfull lists the flags)")
+  except (KeyError, AttributeError) as err:
+    user_errors.exit_with_error(user_errors.unknown_config_key(argv)
+                                or f"{type(err).__name__}: {err}")
+  except OSError as err:   # the config file, loaded to check an override's key
+    message = user_errors.config_file_message(user_errors.config_path_from_argv(argv), err)
+    if message is None:
+      raise
+    user_errors.exit_with_error(message)
+
+
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  # A bare `-v` means --verbosity=1 (absl's -v needs a value).
-  app.run(_main_reporting_errors, flags_parser=lambda argv: app.parse_flags_with_usage(
-      console.expand_bare_verbose_flag(argv)))
+  app.run(_main_reporting_errors, flags_parser=_parse_flags)

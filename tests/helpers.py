@@ -1,17 +1,21 @@
-"""Helpers shared by the tests: the tiny config with dotted overrides, random ground-truth batches,
-the kernel variants, and a look at a process's children through Linux's /proc.
+"""Helpers shared by the tests: the tiny config with dotted overrides, the main.py runner, random
+ground-truth batches, the kernel variants, and a look at a process's children through Linux's /proc.
 
     from tests import helpers
     config = helpers.tiny_config(data_dir, **{"train.num_steps": 3, "model.kernels": "cpu"})
 """
 
 import os
+import subprocess
+import sys
 import time
-from typing import Iterable, List, Optional
+from typing import Iterable, List, Mapping, Optional, Sequence
 
 import numpy as np
 
 from configs import tiny_mdssd
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Every config.model.kernels choice that computes the model (models/kernels.py); "portable" is the
 # lowering-only form for accelerators' export and is tested in test_lowering.py.
@@ -33,6 +37,29 @@ def tiny_config(data_dir: Optional[str] = None, **overrides):
       node = node[part]
   config.update_from_flattened_dict(flat)
   return config
+
+
+def run_main(args: Sequence[str], config: Optional[str] = "configs/tiny_mdssd.py",
+             env: Optional[Mapping[str, str]] = None, real_console: bool = False,
+             check: bool = False, timeout: float = 900) -> subprocess.CompletedProcess:
+  """`python main.py --config=CONFIG ARGS...` in the repository root, as a user runs it; the one
+  main.py runner of the tests. Returns the CompletedProcess (text stdout and stderr).
+
+  config: None when `args` hold --config themselves. env: the environment (default: this one's).
+  real_console: without the TF_CPP_MIN_LOG_LEVEL that conftest.py sets, so that the libraries' C++
+  log lines reach the console as they would a user's. check: raise AssertionError, with the output,
+  unless the exit status is 0.
+  """
+  env = dict(os.environ if env is None else env)
+  if real_console:
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+  cmd = [sys.executable, os.path.join(ROOT, "main.py")] + ([f"--config={config}"] if config else [])
+  cmd += list(args)
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n"
+                         f"{proc.stderr[-6000:]}")
+  return proc
 
 
 def random_gt_batch(rng: np.random.Generator, batch: int = 4, num_gt: int = 6, num_classes: int = 5,

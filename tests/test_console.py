@@ -13,6 +13,7 @@ import pytest
 
 from mdssd_jax.cli import console
 from mdssd_jax.report import progress
+from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -222,12 +223,9 @@ _PROJECT_FILES = {os.path.basename(p) for d in ("mdssd_jax", "mdssd_jax/data", "
 
 
 def _run_main(tmp_path, workdir, *extra):
-  env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "tfds"))
-  env.pop("TF_CPP_MIN_LOG_LEVEL", None)     # the tests' conftest sets 2; check the real default
-  run = subprocess.run([sys.executable, "main.py", "--config=configs/tiny_mdssd.py",
-                        f"--workdir={tmp_path / workdir}", *extra],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-  assert run.returncode == 0, run.stderr[-3000:]
+  # real_console: the tests' conftest sets TF_CPP_MIN_LOG_LEVEL=2; check the real default.
+  run = helpers.run_main([f"--workdir={tmp_path / workdir}", *extra], real_console=True, check=True,
+                         env=dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "tfds")))
   return run.stdout.splitlines() + run.stderr.splitlines()
 
 
@@ -244,3 +242,46 @@ def test_main_is_quiet_by_default_and_verbose_with_v(tmp_path):
   library = [l for l in verbose if _ABSL_PREFIX.match(l)
              and _ABSL_PREFIX.match(l).group(1) not in _PROJECT_FILES]
   assert any("checkpoint_manager.py" in l for l in library), "\n".join(verbose[:50])
+
+
+def test_filter_hides_orbax_preemption_and_failed_save_lines_only():
+  """Orbax's lines of a multi-process preemption and of a failed save (main.py's one Error: line
+  reports that failure) stay off the default console; its other errors and -v keep them."""
+  quiet, loud = console._LibraryFilter(0), console._LibraryFilter(1)
+  multihost = "/x/site-packages/orbax/checkpoint/_src/multihost/multihost.py"
+  future = "/x/site-packages/orbax/checkpoint/_src/futures/future.py"
+  expected = [_record(multihost, logging.WARNING, "[process=0][thread=MainThread] Reached "
+                      "preemption sync point, step=146"),
+              _record(future, logging.ERROR, "[process=0][thread=array_type_handler] "
+                      "_SignalingThread.run() raised an exception: [Errno 28] No space left"),
+              _record(future, logging.ERROR, "[process=0] Failed to run 4 Handler Commit "
+                      "operations or the Commit callback in background save thread"),
+              _record(future, logging.ERROR, "[process=0][step=3][wait_until_finished] Save "
+                      "Finalize thread (save_finalize) failed.")]
+  assert not any(quiet.filter(r) for r in expected)
+  assert all(loud.filter(r) for r in expected)
+  assert quiet.filter(_record(future, logging.ERROR, "something else went wrong"))
+
+
+_NATIVE_LINES = textwrap.dedent("""
+    import os, sys
+    from mdssd_jax.cli import console
+    console.hide_native_library_lines()
+    os.write(1, b"[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1\\n")
+    os.write(2, b"W1207 15:02:15.724408    5924 preemption_notifier.cc:90] SIGTERM caught at 2026\\n")
+    os.write(2, b"E1207 15:02:15.724408    5924 other.cc:1] a native error stays\\n")
+    print("the run's own line")
+    console.restore_native_output()
+    sys.stderr.write("Error: last\\n")
+""")
+
+
+def test_native_library_lines_are_hidden_in_multi_process_runs():
+  """What native code writes to the file descriptors (Gloo's greeting on stdout, the coordination
+  service's "SIGTERM caught" on stderr) is filtered by line; everything else passes, in order."""
+  run = subprocess.run([sys.executable, "-c", _NATIVE_LINES], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+  assert run.returncode == 0, run.stderr
+  assert run.stdout.splitlines() == ["the run's own line"]
+  assert run.stderr.splitlines() == ["E1207 15:02:15.724408    5924 other.cc:1] a native error stays",
+                                     "Error: last"]

@@ -8,15 +8,12 @@ that --mode=predict writes for the detections, and a NumPy decoding of SSD boxes
 import hashlib
 import json
 import os
-import subprocess
-import sys
 
 import cv2
 import numpy as np
 import pytest
 
 from mdssd_jax.run import predict as run_predict
-from tests.conftest import ROOT
 from tests import helpers
 
 # Images of several sizes and aspect ratios, smaller and larger than the 96 px input, and 96 itself.
@@ -44,10 +41,8 @@ def _tree_hashes(root):
 
 def _export_in_a_fresh_process(config, workdir):
   """`python main.py --mode=export` on workdir (what a user runs); returns the export folder."""
-  subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), "--config=configs/tiny_mdssd.py",
-                  f"--workdir={workdir}", "--mode=export", f"--config.data.data_dir={config.data.data_dir}",
-                  f"--config.train.num_steps={config.train.num_steps}"], cwd=ROOT, check=True,
-                 capture_output=True)
+  helpers.run_main([f"--workdir={workdir}", "--mode=export", f"--config.data.data_dir={config.data.data_dir}",
+                    f"--config.train.num_steps={config.train.num_steps}"], check=True)
   return os.path.join(workdir, "export")
 
 

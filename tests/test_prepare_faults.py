@@ -53,6 +53,10 @@ GOOD = {"000001": (60, 40, [("dog", (3, 4, 50, 38))]),
                             ("bus", (1, 1, 10, 10))])}
 MALFORMED = b"<annotation>\n<size>\n<width>60</width>\n<height>40</height>\n</size>\n<object>\n<name>dog\n</object>\n</annotation>"
 MALFORMED_LINE = 8   # expat reports the mismatched </object> on line 8
+_WHOLE_JPEG = _jpeg(40, 60, 99)
+# Images that cannot be decoded, with a good annotation: (the JPEG's bytes, the problem named).
+IMAGE_FAULTS = {"000006": (b"", "is empty (0 bytes)"),
+                "000007": (_WHOLE_JPEG[:len(_WHOLE_JPEG) // 2], "the image cannot be decoded")}
 FAULTS = {
     "000003": ("xml", MALFORMED, MALFORMED_LINE, "does not parse"),
     "000004": ("zero_width", _xml(0, 40, [("dog", (1, 1, 5, 5))]), 4, "0 x 40"),
@@ -69,12 +73,15 @@ def _devkit(root, image_ids):
     if image_id in GOOD:
       width, height, objects = GOOD[image_id]
       xml = _xml(width, height, objects)
+    elif image_id in IMAGE_FAULTS:
+      width, height, xml = 60, 40, _xml(60, 40, [("dog", (1, 1, 5, 5))])
     else:
       width, height, xml = 60, 40, FAULTS[image_id][1]
     with open(os.path.join(base, "Annotations", f"{image_id}.xml"), "wb") as f:
       f.write(xml)
     with open(os.path.join(base, "JPEGImages", f"{image_id}.jpg"), "wb") as f:
-      f.write(_jpeg(height, max(width, 1), i))
+      f.write(IMAGE_FAULTS[image_id][0] if image_id in IMAGE_FAULTS
+              else _jpeg(height, max(width, 1), i))
   for listing in ("train", "val", "test"):
     ids = image_ids if listing == "train" else ["000001"]
     with open(os.path.join(base, "ImageSets", "Main", f"{listing}.txt"), "w") as f:
@@ -102,6 +109,39 @@ def test_bad_annotation_stops_naming_file_line_and_fix(tmp_path, image_id):
   assert f"line {line}:" in message and problem in message
   assert "Fix:" in message and "bad_annotations=skip" in message
   assert len(message) < 1000   # no JPEG bytes dumped into it
+
+
+@pytest.mark.parametrize("image_id", sorted(IMAGE_FAULTS))
+def test_undecodable_image_stops_naming_the_jpeg(tmp_path, image_id):
+  base = _devkit(str(tmp_path / "manual"), ["000001", image_id])
+  with pytest.raises(report.BadAnnotation) as info:
+    prepare.prepare(_config(tmp_path, str(tmp_path / "manual")))
+  message = str(info.value)
+  assert os.path.join(base, "JPEGImages", f"{image_id}.jpg") in message, message
+  assert IMAGE_FAULTS[image_id][1] in message and "bad_annotations=skip" in message, message
+
+
+def test_prepare_through_main_skips_undecodable_images_and_leaves_no_temp_folder(tmp_path):
+  """main.py --mode=prepare with bad_annotations=skip: the two images are left out, named and
+  counted; TFDS's temporary folder (tmpXXXXtfds, one per prepare) is not left in the temp folder."""
+  base = _devkit(str(tmp_path / "manual"), ["000001", "000006", "000007"])
+  temp = tmp_path / "tmp"
+  temp.mkdir()
+  proc = helpers.run_main(
+      ["--mode=prepare", "--config.data.name=voc/2007", f"--config.data.data_dir={tmp_path / 'tfds'}",
+       f"--config.data.manual_dir={tmp_path / 'manual'}", "--config.data.bad_annotations=skip"],
+      config="configs/mdssd300_voc.py", env=dict(os.environ, TMPDIR=str(temp)), check=True)
+  assert "train: 2 bad annotation(s) skipped" in proc.stdout, proc.stdout
+  for image_id in IMAGE_FAULTS:
+    assert os.path.join(base, "JPEGImages", f"{image_id}.jpg") in proc.stderr, proc.stderr
+  assert len((proc.stdout + proc.stderr).strip().splitlines()) <= 12, proc.stdout + proc.stderr
+  assert not [n for n in os.listdir(temp) if n.endswith("tfds")], os.listdir(temp)
+  builder = registry.get_dataset(_config(tmp_path, "").data).parts[0].make_builder(
+      str(tmp_path / "tfds"))
+  train = report.read(builder.data_path)["splits"]["train"]
+  assert train["examples"] == 1
+  assert sorted(e["file"] for e in train["skipped"]) == [
+      os.path.join(base, "JPEGImages", f"{i}.jpg") for i in sorted(IMAGE_FAULTS)]
 
 
 def test_unknown_policy_names_the_key(tmp_path):
@@ -248,7 +288,7 @@ def _tt100k_config(tmp_path, root, bad_annotations):
 def test_tt100k_repairs_are_counted_and_unreadable_images_follow_the_policy(tmp_path):
   root = str(tmp_path / "tt100k")
   _write_tt100k(root)
-  with pytest.raises(report.BadAnnotation, match=r"train/2\.jpg: the image's header cannot be read"):
+  with pytest.raises(report.BadAnnotation, match=r"train/2\.jpg: the image cannot be decoded"):
     prepare.prepare(_tt100k_config(tmp_path, root, "error"))
 
   c = _tt100k_config(tmp_path, root, "skip")

@@ -9,6 +9,7 @@ final save (no duplicate result line), and a short kill -9 soak (benchmarks/kill
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -26,9 +27,7 @@ from tests import helpers
 tiny_config = helpers.tiny_config
 
 
-def run_main(args, timeout=900):
-  return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), "--config=configs/tiny_mdssd.py"]
-                        + args, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+run_main = helpers.run_main
 
 
 def error_lines(text):
@@ -292,6 +291,9 @@ def test_full_disk_during_async_save_ends_in_one_message_and_keeps_last_checkpoi
                                   "Free some space")
     # The real write error is the one named (not a secondary error of the shutdown).
     assert "No space left" in line or "RESOURCE_EXHAUSTED" in line or "ENOSPC" in line, line
+    # Orbax's own error lines about the same failed save stay off the default console.
+    library_errors = [l for l in proc.stderr.splitlines() if re.match(r"^E\d{4} ", l)]
+    assert not library_errors, "\n".join(library_errors)
     config = tiny_config(data_dir)
     assert checkpoint_steps(workdir)[:2] == [1, 2]
     states = restore_all(config, workdir)
@@ -395,3 +397,102 @@ def test_kill_soak_three_trials_resume_bit_exact(data_dir, tmp_path):
     states = restore_all(config, str(tmp_path / "scratch" / f"trial_{trial}"))
     assert states and all(count_nonfinite(s["params"]) == 0 and count_nonfinite(s["opt_state"]) == 0
                           for s in states.values())
+
+
+# ---------------------------------------------------------------------------------------------------
+# 11. Mistakes on the command line and runs with nothing to do: one line, nothing left behind
+#     (issue 37).
+# ---------------------------------------------------------------------------------------------------
+
+def assert_short(proc, max_lines=3):
+  """The whole output is a few lines (the project's own), not a traceback or library chatter."""
+  lines = (proc.stdout + proc.stderr).strip().splitlines()
+  assert len(lines) <= max_lines, "\n".join(lines)
+  return lines
+
+
+@pytest.mark.parametrize("config, args, fragments", [
+    ("configs/tiny_mdssd.py", ["--config.train.num_stepz=5"],
+     ["unknown config key config.train.num_stepz", "closest known: config.train.num_steps"]),
+    ("configs/tiny_mdssd.py", ["--config.eval.every_steps=5"],
+     ["unknown config key config.eval.every_steps", "config.evals.voc.every_steps"]),
+    ("configs/nope.py", [], ["the config file configs/nope.py does not exist", "--config=configs/"]),
+])
+def test_command_line_mistake_is_one_error_line(tmp_path, config, args, fragments):
+  workdir = str(tmp_path / "run")
+  proc = run_main([f"--workdir={workdir}", *args], config=config)
+  assert_one_clear_error(proc, *fragments)
+  assert_short(proc, max_lines=2)
+  assert not os.path.exists(workdir)
+
+
+def test_read_only_workdir_is_one_error_line(data_dir, tmp_path):
+  mount_point = str(tmp_path / "read_only")
+  os.makedirs(mount_point)
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", mount_point],
+                    capture_output=True).returncode != 0:
+    if os.geteuid() == 0:
+      pytest.skip("mounting a read-only tmpfs is not permitted here")
+    os.chmod(mount_point, 0o555)   # not root: a folder without write permission does the same
+  try:
+    workdir = os.path.join(mount_point, "run")
+    proc = run_main([f"--workdir={workdir}", f"--config.data.data_dir={data_dir}"])
+    line = assert_one_clear_error(proc, f"the workdir {workdir} cannot be written", "--workdir")
+    assert "Read-only file system" in line or "Permission denied" in line, line
+    assert_short(proc)
+  finally:
+    subprocess.run(["umount", "-l", mount_point], capture_output=True)
+
+
+def test_num_steps_at_the_checkpoint_step_says_complete_and_trains_nothing(data_dir, trained):
+  before = sorted(os.listdir(trained)), checkpoint_steps(trained)
+  proc = run_main([f"--workdir={trained}", f"--config.data.data_dir={data_dir}",
+                   "--config.train.num_steps=2"])
+  assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+  lines = assert_short(proc)
+  assert "Nothing to train: the run is already complete" in proc.stdout, lines
+  assert "at step 2" in proc.stdout and "config.train.num_steps=2" in proc.stdout, lines
+  assert "training" not in proc.stdout and "Done:" not in proc.stdout, lines
+  assert (sorted(os.listdir(trained)), checkpoint_steps(trained)) == before
+
+
+def test_run_failing_before_its_first_step_leaves_no_trace(data_dir, tmp_path):
+  """A fresh workdir and a bad eval batch size, found after the model and checkpoint manager
+  were built: no workdir (with its empty checkpoints/ and lock file) is left behind."""
+  workdir = str(tmp_path / "fresh" / "run")
+  proc = run_main([f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+                   "--config.eval.batch_size=0"])
+  assert_one_clear_error(proc, "config.eval.batch_size=0")
+  assert_short(proc)
+  assert os.listdir(tmp_path) == [], os.listdir(tmp_path)
+
+
+def test_blow_up_stops_before_the_checkpoint_and_a_resume_at_a_sane_lr_trains(data_dir, trained,
+                                                                              tmp_path):
+  """lr 1e12 makes finite weights of 1e13 (a finiteness test alone would save them): the step is
+  refused, the message names checkpoint 2, and the same run at the config's lr trains on."""
+  workdir = copy_workdir(trained, tmp_path)
+  common = [f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+            "--config.train.num_steps=3", "--config.train.checkpoint_every_steps=1"]
+  proc = run_main(common + ["--config.train.base_lr=1e12", "--config.train.warmup_steps=0"])
+  assert_one_clear_error(proc, "NonFiniteLossError", "blew up at step 3",
+                         "config.train.max_param_norm_growth=2",
+                         f"Last good checkpoint: step 2 in {os.path.join(workdir, 'checkpoints')}")
+  assert_short(proc, max_lines=5)
+  assert checkpoint_steps(workdir) == [1, 2]
+  # The same run at the config's lr (in this process: its compiled step is the `trained` one's).
+  from mdssd_jax.run import train  # pylint: disable=g-import-not-at-top
+  train.train_and_evaluate(tiny_config(data_dir, **{"train.num_steps": 3,
+                                                    "train.checkpoint_every_steps": 1}), workdir)
+  assert checkpoint_steps(workdir)[-1] == 3
+  state = restore_all(tiny_config(data_dir), workdir)[3]
+  assert count_nonfinite(state["params"]) == 0 and int(state["first_nonfinite_step"]) == -1
+
+
+def test_predict_on_an_empty_folder_says_folder(data_dir, trained, tmp_path):
+  empty = tmp_path / "empty_dir"
+  empty.mkdir()
+  proc = run_main([f"--workdir={trained}", "--mode=predict", f"--images={empty}",
+                   f"--config.data.data_dir={data_dir}"])
+  assert_one_clear_error(proc, f"the folder '{empty}' holds no image files")
+  assert_short(proc)

@@ -34,11 +34,8 @@ def train_losses(workdir):
 
 
 def run_main(args, env=None, check=True, timeout=600):
-  cmd = [sys.executable, os.path.join(ROOT, "main.py")] + args
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=timeout)
-  if check and proc.returncode != 0:
-    raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-6000:]}")
-  return proc
+  """helpers.run_main with --config among `args`, failing on a non-zero exit status by default."""
+  return helpers.run_main(args, config=None, env=env, check=check, timeout=timeout)
 
 
 def _data_dir_flags(data_dir):
@@ -231,7 +228,7 @@ def test_one_process_and_two_data_parallel_processes_give_the_same_loss(data_dir
   np.testing.assert_allclose(decreases[0], decreases[1], rtol=0.1)
 
 
-def _run_processes(cmds, tmp_path, timeout=600):
+def _run_processes(cmds, tmp_path, timeout=600, env=None):
   """[(returncode, stdout, stderr)] of commands run at once (the processes of one distributed job).
 
   Their output goes to files, not pipes: a process blocked on a full pipe, while the test reads
@@ -241,7 +238,7 @@ def _run_processes(cmds, tmp_path, timeout=600):
   for i, cmd in enumerate(cmds):
     logs.append((tmp_path / f"process{i}.out", tmp_path / f"process{i}.err"))
     with open(logs[-1][0], "w") as out, open(logs[-1][1], "w") as err:
-      procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, text=True))
+      procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, text=True, env=env))
   deadline = time.time() + timeout
   for p in procs:
     p.wait(timeout=max(1, deadline - time.time()))
@@ -255,13 +252,17 @@ def _free_port():
 
 
 def test_two_processes_train_together(data_dir, tmp_path):
+  """Two processes train one run, its evaluation results written once (by process 0); the default
+  console shows the project's lines only, not Gloo's greeting of its peers (the preemption lines
+  of JAX and Orbax are tested in test_console.py, without a run)."""
   port = _free_port()
   workdir = str(tmp_path / "multi")
+  env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}   # the real console
   outs = _run_processes([[sys.executable, os.path.join(ROOT, "main.py"), "--config=configs/tiny_mdssd.py",
                           f"--workdir={workdir}", "--config.train.num_steps=3",
                           f"--config.data.data_dir={data_dir}", "--multihost",
                           f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                          f"--process_id={pid}"] for pid in range(2)], tmp_path)
+                          f"--process_id={pid}"] for pid in range(2)], tmp_path, env=env)
   for code, _, err in outs:
     assert code == 0, err[-4000:]
   # The run's own lines (logging INFO included) go to stdout, the console's one channel.
@@ -269,6 +270,19 @@ def test_two_processes_train_together(data_dir, tmp_path):
   results = [json.loads(l) for l in open(os.path.join(workdir, "eval_results.jsonl"))]
   assert len(results) == 1 and results[0]["step"] == 3   # written once, by process 0
   assert sorted(train_losses(workdir)) == [1, 2, 3]
+  for _, out, err in outs:
+    noise = [l for l in (out + err).splitlines() if "[Gloo]" in l or _library_log_line(l)]
+    assert not noise, "\n".join(noise)
+
+
+_PROJECT_FILES = {f for _, _, files in os.walk(os.path.join(ROOT, "mdssd_jax")) for f in files} | {
+    "main.py"}
+
+
+def _library_log_line(line):
+  """A log line with absl's prefix from a file outside this project (a library's)."""
+  match = re.match(r"^[IWEF]\d{4} [\d:.]+\s+\d+ (\S+?):\d+\]", line)
+  return bool(match) and match.group(1) not in _PROJECT_FILES
 
 
 def test_sigterm_saves_a_checkpoint_and_stops(data_dir, tmp_path):

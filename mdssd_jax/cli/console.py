@@ -18,12 +18,17 @@ Only public switches are used:
   (Orbax, TFDS and clu through absl's logger, JAX through "jax._src.*", matplotlib through its own).
   `_LibraryFilter` passes an INFO record only when the code that logged it lives in this project
   (`mdssd_jax/`, or the folder of the script being run, outside any site-packages), and every
-  warning except the few in `_EXPECTED_LIBRARY_WARNINGS`, which this project causes on purpose.
+  warning except the few in `_EXPECTED_LIBRARY_WARNINGS`, which this project causes on purpose or
+  reports itself (Orbax's preemption sync points, its error lines of a failed save, which end in
+  main.py's one `Error:` line).
   At verbosity 0 `_ConsoleHandler` writes the records through report/progress.py's `say`: INFO as
   bare lines on stdout, the run's one channel, warnings and errors with absl's prefix on stderr;
   with -v absl's own handler (stderr, prefixed lines) is back. Per-logger levels: absl's logger
   follows the verbosity, and data/report.py's live status records (logger STATUS_LOGGER, DEBUG)
   reach the handler only at verbosity 0, where they redraw one line on a terminal.
+* File descriptors, in multi-process runs only (`hide_native_library_lines`): what the libraries'
+  native code prints there (Gloo's greeting of its peers, the coordination service's "SIGTERM
+  caught") goes through a pipe that drops the lines of `_NATIVE_LIBRARY_LINES`.
 * Python warnings: PYTHONWARNINGS (inherited by helper processes) for the one that multiprocessing's
   resource tracker prints at exit.
 
@@ -38,10 +43,13 @@ names `configure_worker` (data/workers.py runs it), so they get the same console
 layer importing this one.
 """
 
+import atexit
+import io
 import logging
 import os
 import re
 import sys
+import threading
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from mdssd_jax.report import progress
@@ -63,9 +71,31 @@ _EXPECTED_LIBRARY_WARNINGS: Tuple[Tuple[str, str, str], ...] = (
      "every data set of this project is a TFDS builder with its own BuilderConfig"),
     ("tensorflow_datasets", r"has no dataset_info\.json",
      "a data set folder that is about to be generated has no dataset_info.json yet"),
+    ("orbax", r"Reached preemption sync point",
+     "a multi-process run agreeing on the step to stop at; the run says itself where it stopped"),
+    # A checkpoint write that fails (a full disk) is logged by Orbax from each of its threads; the
+    # same error is raised from wait_until_finished and reaches main.py's one `Error:` line.
+    ("orbax", r"_SignalingThread\.run\(\) raised an exception",
+     "a failed asynchronous save, reported by main.py's Error: line"),
+    ("orbax", r"Failed to run \d+ Handler Commit operations",
+     "a failed asynchronous save, reported by main.py's Error: line"),
+    ("orbax", r"Save Finalize thread .*failed",
+     "a failed asynchronous save, reported by main.py's Error: line"),
+)
+
+# Lines that the libraries' native (C++) code prints straight to the process's stdout or stderr,
+# where no logging filter sees them; hidden at verbosity 0 in multi-process runs
+# (`hide_native_library_lines`): (regex, why).
+_NATIVE_LIBRARY_LINES: Tuple[Tuple[str, str], ...] = (
+    (r"^\[Gloo\] Rank \d+ is connected to \d+ peer ranks",
+     "Gloo (JAX's CPU collectives) greets its peers at every multi-process start"),
+    (r"^[IW]\d{4} [\d:.]+\s+\d+ preemption_notifier\.cc:\d+\] SIGTERM caught",
+     "JAX's coordination service noticing a preemption; the run says itself where it stopped"),
 )
 
 _WORKER_VERBOSITY_ENV = "MDSSD_JAX_VERBOSITY"
+# The filters of `hide_native_library_lines`, one per file descriptor (1, 2), while installed.
+_native_filters: List["_NativeLineFilter"] = []
 
 
 def verbosity() -> int:
@@ -313,3 +343,95 @@ def configure(level: int) -> None:
   # The live status line (DEBUG records) only where the console handler draws it.
   logging.getLogger(data_report.STATUS_LOGGER).setLevel(logging.DEBUG if level <= 0
                                                         else logging.INFO)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Native libraries' lines (multi-process runs).
+# ---------------------------------------------------------------------------------------------------
+
+class _NativeLineFilter:
+  """File descriptor `fd` (1 or 2) turned into a pipe whose lines a thread copies to the original
+  file, less those matching `patterns`.
+
+  Python's own stream for that descriptor (sys.stdout / sys.stderr) is replaced by one on a copy of
+  the original file, so that the run's lines (and the progress bar's terminal) bypass the pipe:
+  only what native code and child processes write to the descriptor passes through it.
+  """
+
+  def __init__(self, fd: int, patterns: Sequence[str]):
+    self.fd = fd
+    self.patterns = [re.compile(p) for p in patterns]
+    self.hidden = 0
+    python_stream = sys.stdout if fd == 1 else sys.stderr
+    python_stream.flush()
+    self.original = os.dup(fd)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, fd)
+    os.close(write_end)
+    self._read_end = read_end
+    self.stream = io.TextIOWrapper(io.FileIO(self.original, "w", closefd=False),
+                                   encoding=getattr(python_stream, "encoding", None) or "utf-8",
+                                   errors=getattr(python_stream, "errors", None) or "strict",
+                                   line_buffering=True, write_through=True)
+    if fd == 1:
+      sys.stdout = self.stream
+    else:
+      sys.stderr = self.stream
+    self._thread = threading.Thread(target=self._pump, name=f"native-lines-fd{fd}", daemon=True)
+    self._thread.start()
+
+  def _pump(self) -> None:
+    pending = b""
+    while True:
+      try:
+        chunk = os.read(self._read_end, 1 << 16)
+      except OSError:
+        break
+      if not chunk:
+        break
+      pending += chunk
+      *lines, pending = pending.split(b"\n")
+      for line in lines:
+        self._forward(line + b"\n")
+    if pending:
+      self._forward(pending)
+    os.close(self._read_end)
+
+  def _forward(self, line: bytes) -> None:
+    text = line.decode("utf-8", "replace")
+    if any(p.search(text) for p in self.patterns):
+      self.hidden += 1
+      return
+    view = memoryview(line)
+    while view:
+      try:
+        view = view[os.write(self.original, view):]
+      except OSError:
+        return
+
+  def close(self, timeout_s: float) -> None:
+    """The descriptor back on the original file; waits up to timeout_s for the pipe to drain (child
+    processes that inherited its write end keep it open until they exit)."""
+    os.dup2(self.original, self.fd)
+    self._thread.join(timeout_s)
+
+
+def hide_native_library_lines() -> None:
+  """Verbosity 0, multi-process runs: the lines of _NATIVE_LIBRARY_LINES stay off the terminal.
+
+  Call before `configure` (it replaces sys.stdout and sys.stderr, which the console binds) and
+  before JAX starts its distributed runtime. `restore_native_output` undoes it (also at exit).
+  """
+  if _native_filters:
+    return
+  patterns = [pattern for pattern, _ in _NATIVE_LIBRARY_LINES]
+  for fd in (1, 2):
+    _native_filters.append(_NativeLineFilter(fd, patterns))
+  atexit.register(restore_native_output)
+
+
+def restore_native_output(timeout_s: float = 1.0) -> None:
+  """Ends `hide_native_library_lines` after the lines already written are through (a no-op when it
+  is not on), so that what is written next (main.py's one `Error:` line) comes last."""
+  while _native_filters:
+    _native_filters.pop().close(timeout_s)

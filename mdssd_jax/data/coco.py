@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mdssd_jax.data import features
+from mdssd_jax.data import image_files
 from mdssd_jax.data import report
 from mdssd_jax.data.voc import OfficialFiles
 
@@ -123,17 +124,20 @@ class MdssdCoco(tfds.core.GeneratorBasedBuilder):
       for ann in data.get("annotations", []):
         per_image.setdefault(ann["image_id"], []).append(ann)
       for image in data["images"]:
+        member = f"{image_folder}/{image['file_name']}"
         try:
           objects = self._objects(image, per_image.get(image["id"], []), label_of, source,
                                   lambda what, n: prepare_report.count(split, what, source, n))
+          if files.find(member) is None:
+            raise FileNotFoundError(f"coco/2017 {split}: image {member} of {annotation_file} is in "
+                                    f"none of {files.describe()}; copy the complete {image_folder}/ "
+                                    "folder.")
+          # Decoded once here, so that training never meets an image it cannot decode.
+          checked = image_files.checked_image(files.read(member), files.describe_member(member))
         except report.BadAnnotation as e:
           prepare_report.bad(split, e)
           continue
-        member = f"{image_folder}/{image['file_name']}"
-        if files.find(member) is None:
-          raise FileNotFoundError(f"coco/2017 {split}: image {member} of {annotation_file} is in none "
-                                  f"of {files.describe()}; copy the complete {image_folder}/ folder.")
-        yield image["id"], {"image": files.read(member), "image/filename": image["file_name"],
+        yield image["id"], {"image": checked.encoded, "image/filename": image["file_name"],
                             "image/id": image["id"], "objects": objects}
       logging.info("coco/2017 %s: %d images", split, len(data["images"]))
     finally:

@@ -12,6 +12,7 @@ import io
 import logging
 import os
 import shutil
+import tempfile
 from typing import Callable, Mapping, Optional, Sequence
 
 import tensorflow_datasets as tfds
@@ -83,8 +84,35 @@ def _cached_builder(cls, config, data_dir):
     # of a registered BuilderConfig object.
     config = config.name
   if key not in _BUILDERS:
-    _BUILDERS[key] = cls(config=config, data_dir=data_dir, file_format=FILE_FORMAT)
+    with _no_tfds_temp_folder():
+      _BUILDERS[key] = cls(config=config, data_dir=data_dir, file_format=FILE_FORMAT)
   return _BUILDERS[key]
+
+
+@contextlib.contextmanager
+def _no_tfds_temp_folder():
+  """Removes the empty temporary folder that constructing a builder of unprepared data leaves.
+
+  TFDS's DatasetBuilder.__init__ then calls DatasetInfo.initialize_from_bucket, which makes
+  `<tmp>/tmpXXXXXXXXtfds` (tempfile.mkdtemp) for files of its GCS bucket, finds none for this
+  project's data sets and never removes it: one such folder per prepare. Only new, empty folders
+  of that name are removed.
+  """
+  folder = tempfile.gettempdir()
+  listing = lambda: {n for n in os.listdir(folder) if n.startswith("tmp") and n.endswith("tfds")}
+  try:
+    before = listing()
+  except OSError:
+    before = None
+  try:
+    yield
+  finally:
+    if before is not None:
+      for name in listing() - before:
+        try:
+          os.rmdir(os.path.join(folder, name))   # only an empty folder
+        except OSError:
+          pass
 
 
 def _builder(cls, config=None):

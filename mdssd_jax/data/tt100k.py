@@ -12,10 +12,10 @@ import json
 import os
 
 import numpy as np
-from PIL import Image
 import tensorflow_datasets as tfds
 
 from mdssd_jax.data import features
+from mdssd_jax.data import image_files
 from mdssd_jax.data import report
 
 # The customary 45 classes (docs/data_formats.md): those with at least 100 instances in TT100K.
@@ -50,15 +50,6 @@ def missing_files_message(manual_dir):
   return (f"tt100k: missing {', '.join(missing)}. Put the official TT100K `data` folder's contents "
           f"in {manual_dir}: {ANNOTATIONS_FILE} (with its \"types\" and \"imgs\"), train/ and test/ "
           "with the JPEG images (other/ is not needed). Set --config.data.manual_dir to that folder.")
-
-
-def _image_size(path):
-  """(width, height) from the image header, without decoding the pixels; None if unreadable."""
-  try:
-    with Image.open(path) as image:
-      return image.size
-  except (OSError, ValueError):
-    return None
 
 
 @dataclasses.dataclass
@@ -120,18 +111,21 @@ class Tt100k(tfds.core.GeneratorBasedBuilder):
         continue
       counts = lambda what, n, path=path: prepare_report.count(split, what, path, n)
       try:
-        size = _image_size(os.path.join(root, path))
-        if size is None:   # no header, no size to normalise the boxes with
-          raise report.BadAnnotation(os.path.join(root, path), "the image's header cannot be read",
-                                     "restore the file from the official archive")
-        objects = _objects(entry, size, label_of, f"{source} (image {image_id})", counts)
+        try:
+          with open(os.path.join(root, path), "rb") as f:
+            encoded = f.read()
+        except OSError as e:
+          raise report.BadAnnotation(os.path.join(root, path), f"the image cannot be read "
+                                     f"({e.strerror or e})", "restore it from the official archive")
+        # Decoded once here (its size normalises the boxes), so that training never meets an
+        # image it cannot decode.
+        checked = image_files.checked_image(encoded, os.path.join(root, path))
+        objects = _objects(entry, (checked.width_px, checked.height_px), label_of,
+                           f"{source} (image {image_id})", counts)
       except report.BadAnnotation as e:
         prepare_report.bad(split, e)
         continue
-      with open(os.path.join(root, path), "rb") as f:
-        encoded = f.read()
-      # Bytes as they are: a damaged JPEG is stored and skipped (counted) by the input pipeline.
-      yield str(image_id), {"image": encoded, "image/filename": path, "objects": objects}
+      yield str(image_id), {"image": checked.encoded, "image/filename": path, "objects": objects}
 
 
 def _objects(entry, size, label_of, where, counts):

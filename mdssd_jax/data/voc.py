@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mdssd_jax.data import features
+from mdssd_jax.data import image_files
 from mdssd_jax.data import report
 
 VOC_LABELS = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -306,11 +307,13 @@ class MdssdVoc(tfds.core.GeneratorBasedBuilder):
                   member, f"missing from {files.describe()}, though ImageSets/Main/"
                   f"{_SPLIT_LISTS[split]} lists {image_id}", "restore it from the official tar")
           objects = parse_annotation(files.read(annotation), name, counts)
+          # Decoded once here, so that training never meets an image it cannot decode.
+          checked = image_files.checked_image(files.read(jpeg), files.describe_member(jpeg))
         except report.BadAnnotation as e:
           prepare_report.bad(split, e)
           continue
         yield image_id, {
-            "image": files.read(jpeg),
+            "image": checked.encoded,
             "image/filename": f"{image_id}.jpg",
             "objects": objects,
             "labels": sorted({o["label"] for o in objects}),

@@ -39,7 +39,11 @@ def expand_image_paths(patterns: Sequence[str]) -> List[str]:
     else:
       found = [pattern]
     if not found:
-      raise ValueError(f"no image files match '{pattern}' (extensions {', '.join(IMAGE_EXTENSIONS)})")
+      extensions = ", ".join(IMAGE_EXTENSIONS)
+      if os.path.isdir(pattern):
+        raise ValueError(f"the folder '{pattern}' holds no image files (extensions {extensions}); "
+                         "pass a folder with images, image files or a glob such as 'photos/*.jpg'")
+      raise ValueError(f"no image files match '{pattern}' (extensions {extensions})")
     paths.extend(found)
   return list(dict.fromkeys(paths))
 
@@ -154,6 +158,7 @@ def predict_from_checkpoint(config, workdir, image_patterns, output_dir=None, st
   convention come from the checkpoint, so predictions use exactly what training used, and a changed
   config.train does not matter.
   """
+  expand_image_paths(image_patterns)   # a folder or glob without images: said before any loading
   detector = weights.load_detector(config, workdir, step)
   output_dir = output_dir or os.path.join(workdir, "predictions")
   predict_fn = predictor.LocalPredictor(detector.model, detector.anchors_cxcywh, config,

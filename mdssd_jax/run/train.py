@@ -10,6 +10,7 @@ evaluation/.
 
 import contextlib
 import os
+import shutil
 import signal
 import sys
 import time
@@ -108,11 +109,14 @@ def make_train_step(model, tx, schedule, anchors_cxcywh, config, convention, mes
   `mesh`: the training mesh (experiment.Setup's; by default all devices along "data"), over whose
   data axis matching and the loss run per device (`make_matching_and_loss`).
 
-  A step whose loss, gradient, or updated parameters / optimiser state is not finite leaves the
-  state as it was (and records the step), so that whatever is checkpointed is finite: an lr of 1e38
-  overflows the parameters while the loss and gradient of that step are still finite.
+  A step whose loss, gradient, or updated parameters / optimiser state is not finite, or whose
+  update multiplies the parameters' global norm by more than config.train.max_param_norm_growth (a
+  blow-up), leaves the state as it was (and records the step), so that whatever is checkpointed is
+  finite and from before the blow-up: an lr of 1e38 overflows the parameters while the loss and
+  gradient of that step are still finite; an lr of 1e12 makes finite weights of 1e13.
   """
   compute_dtype = jnp.dtype(config.model.dtype)
+  max_param_norm_growth = float(config.train.get("max_param_norm_growth", 0.0))
   matching_and_loss = make_matching_and_loss(
       anchors_cxcywh, config, experiment.data_mesh() if mesh is None else mesh)
 
@@ -131,8 +135,14 @@ def make_train_step(model, tx, schedule, anchors_cxcywh, config, convention, mes
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     batch_stats = new_vars.get("batch_stats", {})
+    # A blow-up: one update multiplying the parameters' norm by more than max_param_norm_growth.
+    # The state it makes is still finite (an lr of 1e12 gives weights of 1e13), so the finiteness
+    # test alone would let it be saved, and a resume from it diverges again.
+    param_norm_before, param_norm = optax.global_norm(state["params"]), optax.global_norm(params)
+    growth = param_norm / jnp.maximum(param_norm_before, jnp.finfo(jnp.float32).tiny)
+    blown_up = (growth > max_param_norm_growth) if max_param_norm_growth > 0 else jnp.bool_(False)
     finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-              & _finite_norm((params, opt_state, batch_stats)))
+              & _finite_norm((params, opt_state, batch_stats)) & ~blown_up)
 
     def keep_if_finite(new, old):
       return jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -147,7 +157,8 @@ def make_train_step(model, tx, schedule, anchors_cxcywh, config, convention, mes
                                        state["step"], state["first_nonfinite_step"]))
     metrics = dict(loss=loss, loc_loss=aux["loc_loss"], cls_loss=aux["cls_loss"],
                    num_pos=aux["num_pos"].astype(jnp.float32), grad_norm=grad_norm,
-                   learning_rate=schedule(state["step"]))
+                   learning_rate=schedule(state["step"]), param_norm=param_norm,
+                   param_norm_growth=growth)
     return new_state, metrics
 
   return train_step
@@ -243,16 +254,79 @@ def train_and_evaluate(config, workdir):
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final metrics."""
   workdir = os.path.abspath(workdir)
   check_config(config)
-  os.makedirs(workdir, exist_ok=True)
-  # One trainer per workdir (process 0 holds the lock for a multi-host run).
-  lock = workdir_lock.WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
-  with lock:
-    return _train(config, workdir)
+  first = jax.process_index() == 0
+  found = _contents(workdir)
+  workdir_lock.make_workdir(workdir)
+  started = []   # the steps this run took (its first, once taken)
+  try:
+    # One trainer per workdir (process 0 holds the lock for a multi-host run).
+    with workdir_lock.WorkdirLock(workdir) if first else contextlib.nullcontext():
+      return _train(config, workdir, started)
+  except BaseException:
+    if first and not started:
+      _leave_as_found(workdir, found)
+    raise
 
 
-def _train(config, workdir):
+def _contents(workdir):
+  """The names in `workdir` (None when it does not exist), and the path of its topmost missing
+  ancestor, for `_leave_as_found`."""
+  top_missing = None
+  path = workdir
+  while not os.path.exists(path) and os.path.dirname(path) != path:
+    top_missing, path = path, os.path.dirname(path)
+  return (set(os.listdir(workdir)) if os.path.isdir(workdir) else None), top_missing
+
+
+def _leave_as_found(workdir, found):
+  """After a run that failed before its first step: removes what it created in the workdir (the
+  lock file, TensorBoard's event file, folders without files such as an empty checkpoints/), and the
+  workdir and the parents it made when they hold nothing else. What was there before stays."""
+  names, top_missing = found
+  if not os.path.isdir(workdir):
+    return
+  for name in set(os.listdir(workdir)) - (names or set()):
+    path = os.path.join(workdir, name)
+    if os.path.isfile(path) and (name == workdir_lock.LOCK_FILE
+                                 or name.startswith("events.out.tfevents.")):
+      os.remove(path)
+    elif os.path.isdir(path) and not any(files for _, _, files in os.walk(path)):
+      shutil.rmtree(path, ignore_errors=True)
+  if top_missing is not None:
+    path = workdir
+    while True:
+      try:
+        os.rmdir(path)   # only an empty folder
+      except OSError:
+        break
+      if path == top_missing:
+        break
+      path = os.path.dirname(path)
+
+
+def _already_complete(config, workdir, num_steps):
+  """The message for a workdir whose latest checkpoint is at or past num_steps, else None."""
+  directory = os.path.join(workdir, "checkpoints")
+  steps = checkpointing.available_steps(directory)
+  if not steps or steps[-1] < num_steps:
+    return None
+  train_cfg = config.train
+  scaled = (f" ({num_steps} steps at global batch {train_cfg.global_batch_size})"
+            if num_steps != train_cfg.num_steps else "")
+  return (f"Nothing to train: the run is already complete. The latest checkpoint in {directory} is "
+          f"at step {steps[-1]} and config.train.num_steps={train_cfg.num_steps}{scaled}. To train "
+          f"further, raise --config.train.num_steps above {steps[-1]}; --mode=eval evaluates it.")
+
+
+def _train(config, workdir, started):
   train_cfg = config.train
   num_steps = optim.schedule_steps(train_cfg)
+  complete = _already_complete(config, workdir, num_steps)
+  if complete:
+    if jax.process_index() == 0:
+      progress_lib.say(complete)
+    started.append(0)   # nothing of this run to undo
+    return {}
 
   # ---- Model, data and optimiser. ----------------------------------------------------------------
   setup = experiment.Setup(config)
@@ -295,7 +369,21 @@ def _train(config, workdir):
       manager.wait_until_finished()   # the saves already under way hold good states: finish them
       last = manager.latest_step()
       saved = (f"Last good checkpoint: step {last} in {manager.directory}." if last is not None
-               else f"No checkpoint was saved before it (none in {manager.directory}).")
+               else f"No checkpoint was saved before it (none in {manager.directory}: the first "
+                    f"is written at step {train_cfg.checkpoint_every_steps}).")
+      # The bad step's metrics are still pending: every log and every save checks first.
+      index = bad - (step - len(pending))
+      bad_metrics = jax.device_get(pending[index]) if 0 <= index < len(pending) else {}
+      growth = float(bad_metrics.get("param_norm_growth", np.nan))
+      if np.isfinite(growth) and growth > train_cfg.max_param_norm_growth > 0:
+        before = float(bad_metrics["param_norm"]) / growth
+        raise NonFiniteLossError(
+            f"the parameters blew up at step {bad + 1}; its update would have multiplied their "
+            f"norm by {growth:.3g} (from {before:.3g} to {float(bad_metrics['param_norm']):.3g}), "
+            f"more than config.train.max_param_norm_growth={train_cfg.max_param_norm_growth:g}. "
+            f"That update was not applied and nothing after it was saved. {saved} Lower "
+            "config.train.base_lr (or set config.train.grad_clip_norm > 0) and rerun the same "
+            "command: it resumes from there.")
       raise NonFiniteLossError(
           f"the loss, gradient or updated parameters stopped being finite at step {bad + 1}; that "
           f"update was not applied and nothing after it was saved. {saved} Try a lower "
@@ -324,6 +412,8 @@ def _train(config, workdir):
       state, metrics = compiled_step(state, batch)
       pending.append(metrics)
       step += 1
+      if not started:
+        started.append(step)
       for hook in hooks:
         hook(step)
       logged = step % train_cfg.log_every_steps == 0 or step == num_steps

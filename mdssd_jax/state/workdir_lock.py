@@ -25,6 +25,27 @@ class WorkdirBusyError(RuntimeError):
   pass
 
 
+class WorkdirNotWritableError(PermissionError):
+  """The workdir (or the folder it would be made in) cannot be written: read-only, no permission,
+  or a file in the way."""
+
+
+def make_workdir(workdir: str) -> None:
+  """Creates `workdir` (and its parents) unless it exists; raises WorkdirNotWritableError naming it
+  and the fix when that fails or the folder cannot be written."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise _not_writable(workdir, e) from e
+
+
+def _not_writable(workdir: str, error: OSError) -> WorkdirNotWritableError:
+  reason = error.strerror or str(error)
+  where = f" ({error.filename})" if error.filename and error.filename != workdir else ""
+  return WorkdirNotWritableError(
+      f"the workdir {workdir} cannot be written: {reason}{where}. Pass a --workdir on a disk you "
+      "can write to, or make that folder writable.")
+
 
 def _read_holder(text: str) -> dict:
   """The JSON record a holder wrote ({} if empty or unreadable)."""
@@ -61,8 +82,11 @@ class WorkdirLock:
     self._file = None
 
   def __enter__(self):
-    os.makedirs(self.workdir, exist_ok=True)
-    f = open(self.path, "a+")
+    make_workdir(self.workdir)
+    try:
+      f = open(self.path, "a+")
+    except OSError as e:   # a read-only file system or folder: the first write of a run
+      raise _not_writable(self.workdir, e) from e
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
