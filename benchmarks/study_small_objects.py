@@ -142,6 +142,16 @@ SETTLED = Budget(steps=600, trained_trunk_steps=0, eval_every_steps=100, seeds=(
                  trained_trunk_variants=(), lrs=(2e-3, 4e-3, 6e-3, 1e-2), val_images=200)
 SETTLED_OUT = os.path.join("benchmarks", "results", "study_settled.json")
 SETTLED_PLOT = os.path.join("benchmarks", "study_settled.png")
+# The context study (--context; docs/study.md, "The context study"): the settled study's method on
+# the context data, where a tiny object's class is told by a scene marker beyond the shallow heads'
+# view. Three rates per variant (2e-3 was never chosen in the settled study), chosen on seed 0.
+CONTEXT = dataclasses.replace(SETTLED, variants=("ssd_fine", "mdssd_bn", "mdssd_bn_shallow"),
+                              data=("context",), lrs=(4e-3, 6e-3, 1e-2))
+CONTEXT_OUT = os.path.join("benchmarks", "results", "study_context.json")
+CONTEXT_PLOT = os.path.join("benchmarks", "study_context.png")
+# A detection counts for the confusion of a tiny object when it scores at least this (the
+# pictures' threshold) and overlaps the object with IoU >= 0.5.
+CONFUSION_SCORE = 0.3
 # The whole machinery at toy size (tests/test_study.py): a narrow model, a handful of steps.
 QUICK = Budget(steps=4, trained_trunk_steps=4, eval_every_steps=2, seeds=(0,), width_multiplier=1 / 32, num_train=16,
                num_test=4, batch_size=2)
@@ -164,14 +174,18 @@ def variant_config(variant, data, budget, seed, data_dir="", init="scratch", lr=
   from configs import demo_synthetic  # pylint: disable=g-import-not-at-top
   if variant not in VARIANTS:
     raise ValueError(f"unknown study variant {variant!r}; known: {list(VARIANTS)}")
-  if data not in ("shape", "colour"):
-    raise ValueError(f"unknown study data {data!r}; known: 'shape' (colour_by_class=False), 'colour'")
+  if data not in ("shape", "colour", "context"):
+    raise ValueError(f"unknown study data {data!r}; known: 'shape' (colour_by_class=False), "
+                     "'colour', 'context' (synthetic.context=True)")
   c = demo_synthetic.get_config()
   c.seed = int(seed)
   c.data.data_dir = data_dir
   c.model.batch_norm = True            # every variant trains its trunk from scratch: batch norm
   c.model.width_multiplier = budget.width_multiplier
   c.data.synthetic.colour_by_class = data == "colour"
+  if data == "context":
+    c.data.synthetic.context = True
+    c.model.num_classes = 9
   c.data.synthetic.num_train = budget.num_train
   c.data.synthetic.num_test = budget.num_test
   c.train.global_batch_size = budget.batch_size
@@ -363,10 +377,72 @@ def branch_ablation(config, run_dir):
     metrics = evaluator.run(predictor(variables), detector.step).metrics
     out[f"{branch}_off" if branch else "intact"] = dict(
         all=_ap(metrics["mAP"]), **{b: _ap(metrics.get(f"AP_size/{b}", float("nan"))) for b in BUCKETS})
+    if config.data.synthetic.get("context", False):
+      out[f"{branch}_off" if branch else "intact"]["confusion"] = tiny_confusion(
+          *evaluator.metric.images(), detector.class_names)
   with open(cache + ".tmp", "w") as f:
     json.dump(out, f)
   os.replace(cache + ".tmp", cache)
   return out
+
+
+def tiny_confusion(predictions, ground_truths, class_names, score_threshold=CONFUSION_SCORE):
+  """The share of a context run's detections of tiny objects that name the right shape in the
+  wrong scene: the confusion a model that does not see the scene marker cannot avoid.
+
+  predictions / ground_truths: the metric's per-image dicts (pixels, labels 1..C); class_names:
+  "shape@scene" for the context classes. Every tiny ground truth (longer side < 16 px) of a context
+  class takes the detections scoring >= score_threshold with IoU >= 0.5 and a context class of the
+  same shape; returns wrong-scene ones / all such ones (None when there are none). A model that
+  guesses the scene is near 0.5; one that sees it near 0.
+  """
+  from mdssd_jax.core import boxes as boxes_lib  # pylint: disable=g-import-not-at-top
+  split = [name.split("@") if "@" in name else (name, None) for name in class_names]
+  right = wrong = 0
+  for pred, gt in zip(predictions, ground_truths):
+    gt_boxes = np.asarray(gt["boxes"], np.float64).reshape(-1, 4)
+    keep = np.asarray(pred["scores"]) >= score_threshold
+    p_boxes = np.asarray(pred["boxes"], np.float64).reshape(-1, 4)[keep]
+    p_labels = np.asarray(pred["labels"]).reshape(-1)[keep]
+    if not len(gt_boxes) or not len(p_boxes):
+      continue
+    iou = boxes_lib.iou(gt_boxes, p_boxes)
+    for g, label in enumerate(np.asarray(gt["labels"]).reshape(-1)):
+      shape, scene = split[int(label) - 1]
+      size = np.max(gt_boxes[g, 2:] - gt_boxes[g, :2])
+      if scene is None or size >= 16:
+        continue
+      for d in np.nonzero(iou[g] >= 0.5)[0]:
+        d_shape, d_scene = split[int(p_labels[d]) - 1]
+        if d_scene is not None and d_shape == shape:
+          right += d_scene == scene
+          wrong += d_scene != scene
+  return None if right + wrong == 0 else wrong / (right + wrong)
+
+
+CONFUSION_FILE = "context_confusion.json"
+
+
+def run_confusion(config, run_dir):
+  """`tiny_confusion` of a finished context run's last checkpoint on the test images (cached)."""
+  cache = os.path.join(run_dir, CONFUSION_FILE)
+  if os.path.exists(cache):
+    with open(cache) as f:
+      return json.load(f)["confusion"]
+  from mdssd_jax import evaluation  # pylint: disable=g-import-not-at-top
+  from mdssd_jax.core import multihost  # pylint: disable=g-import-not-at-top
+  from mdssd_jax.run import evaluate  # pylint: disable=g-import-not-at-top
+  from mdssd_jax.state import weights  # pylint: disable=g-import-not-at-top
+  detector = weights.load_detector(config, run_dir)
+  evaluator = evaluation.make_evaluators(config, detector.class_names)[EVALUATOR]
+  predictor = evaluate.make_batch_predictor(config, detector.model, detector.anchors_cxcywh,
+                                            detector.convention, multihost.data_mesh())
+  evaluator.run(predictor(detector.variables), detector.step)
+  confusion = tiny_confusion(*evaluator.metric.images(), detector.class_names)
+  with open(cache + ".tmp", "w") as f:
+    json.dump({"confusion": confusion, "step": detector.step}, f)
+  os.replace(cache + ".tmp", cache)
+  return confusion
 
 
 def run_ablations(out, workdir, data_dir=""):
@@ -451,9 +527,9 @@ def save_results(path, results):
   os.replace(tmp, path)   # atomic: a kill never leaves half a file
 
 
-def steps_out(steps):
-  """The results file of the settled study's chosen rates at `steps` steps."""
-  return os.path.join("benchmarks", "results", f"study_settled_{steps}steps.json")
+def steps_out(steps, study="settled"):
+  """The results file of the settled (or the context) study's chosen rates at `steps` steps."""
+  return os.path.join("benchmarks", "results", f"study_{study}_{steps}steps.json")
 
 
 def at_steps(budget, steps, sweep_results):
@@ -704,6 +780,8 @@ def _record(results, key, budget, run_dir, data_dir, costs):
     run["val"] = {k: val_curve[-1][k] for k in ("all",) + BUCKETS}
     run["val_curve"] = [{"step": p["step"], "all": p["all"], "tiny": p["tiny"]} for p in val_curve]
     val_text = f", validation mAP {run['val']['all']:.3f}"
+  if data == "context":   # how often a tiny object's detection names the wrong scene
+    run["confusion"] = run_confusion(config, run_dir)
   results["runs"].append(run)
   print(f"== {run_name(*key)}: mAP {last['all']:.3f}, tiny AP {last['tiny']:.3f}{val_text}, "
         f"{wall_s / 60:.1f} min", flush=True)
@@ -776,10 +854,13 @@ def tables(results):
     lines.append(f"**{data} data, {init.replace('_', ' ')}** (AP@0.5, VOC area rule, mean ± std over "
                  "seeds; buckets by the object's longer side: tiny < 16 px, small 16-32, medium > 32)")
     lines.append("")
-    extra = " lr | Δ mAP, last 25% of steps |" if settled else ""
+    context = data == "context"
+    extra = (" lr | Δ mAP, last 25% of steps |" if settled else "") + (
+        " tiny: wrong scene |" if context else "")
     lines.append("| variant | family | params | GFLOPs / image | seeds | steps | mAP | AP tiny | AP small | "
                  "AP medium | min / run |" + extra)
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if settled else ""))
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if settled else "")
+                 + ("---|" if context else ""))
     for variant, runs in by_variant.items():
       r0 = runs[0]
       cells = [_fmt(*_mean_std([r["ap"][k] for r in runs])) for k in ("all",) + BUCKETS]
@@ -788,8 +869,16 @@ def tables(results):
              f"{len(runs)} | {r0['steps']} | " + " | ".join(cells) + f" | {minutes:.1f} |")
       if settled:
         row += f" {r0['lr']:g} | {_fmt(*_mean_std([late_change(r['curve']) for r in runs]))} |"
+      if context:
+        row += f" {_fmt(*_mean_std([r.get('confusion') for r in runs]))} |"
       lines.append(row)
     lines.append("")
+    if context:
+      lines.append("Wrong scene: the share of the detections (score >= "
+                   f"{CONFUSION_SCORE:g}, IoU >= 0.5) of tiny context-class objects that name the "
+                   "right shape in the wrong scene; a model blind to the scene marker sits near 0.5, "
+                   "the ambiguity limit, and its tiny-object AP near half its AP for local classes.")
+      lines.append("")
     if settled:
       lines.extend(settled_verdicts(by_variant))
     else:
@@ -810,10 +899,15 @@ def ablation_table(ablation):
            "| variant | seeds | " + " | ".join(f"mAP {s.replace('_', ' ')}" for s in states) + " | "
            + " | ".join(f"AP tiny {s.replace('_', ' ')}" for s in states) + " |",
            "|---|---|" + "---|" * (2 * len(states))]
+  context = all("confusion" in a["intact"] for a in ablation)
+  if context:
+    lines[2] += " " + " | ".join(f"wrong scene {s.replace('_', ' ')}" for s in states) + " |"
+    lines[3] += "---|" * len(states)
   order = list(VARIANTS)
   for variant in sorted({a["variant"] for a in ablation}, key=order.index):
     rows = [a for a in ablation if a["variant"] == variant]
-    cells = [_fmt(*_mean_std([a[s][k] for a in rows])) for k in ("all", "tiny") for s in states]
+    keys = ("all", "tiny") + (("confusion",) if context else ())
+    cells = [_fmt(*_mean_std([a[s][k] for a in rows])) for k in keys for s in states]
     lines.append(f"| {variant} | {len(rows)} | " + " | ".join(cells) + " |")
   return lines
 
@@ -970,6 +1064,9 @@ def main():
   parser.add_argument("--settled", action="store_true",
                       help="the settled study: a learning-rate sweep per variant chosen on held-out "
                            "training images, then the other seeds at each variant's rate")
+  parser.add_argument("--context", action="store_true",
+                      help="the context study: the settled study's method on the context data "
+                           f"(a tiny object's class told by a far scene marker), into {CONTEXT_OUT}")
   parser.add_argument("--workdir", default=DEFAULT_WORKDIR, help="one training folder per run here")
   parser.add_argument("--steps", type=int, default=0,
                       help="with --settled: every variant and seed at its chosen rate (from the "
@@ -998,15 +1095,26 @@ def main():
     sys.exit(one_run(json.loads(args.one_run)))
   if args.workers < 1:
     parser.error(f"--workers={args.workers}: must be at least 1")
+  if args.context:
+    args.settled = True
+    if args.rates_from == SETTLED_OUT:
+      args.rates_from = CONTEXT_OUT
   if args.steps and not args.settled:
     parser.error("--steps needs --settled")
-  settled_out = SETTLED_OUT if not args.steps else steps_out(args.steps)
+  sweep_out = CONTEXT_OUT if args.context else SETTLED_OUT
+  settled_out = sweep_out if not args.steps else steps_out(
+      args.steps, "context" if args.context else "settled")
   args.out = args.out or (settled_out if args.settled else DEFAULT_OUT)
-  defaults = {os.path.abspath(DEFAULT_OUT): DEFAULT_PLOT, os.path.abspath(SETTLED_OUT): SETTLED_PLOT}
+  defaults = {os.path.abspath(DEFAULT_OUT): DEFAULT_PLOT, os.path.abspath(SETTLED_OUT): SETTLED_PLOT,
+              os.path.abspath(CONTEXT_OUT): CONTEXT_PLOT}
   plot_path = args.plot or defaults.get(os.path.abspath(args.out),
                                         os.path.splitext(args.out)[0] + ".png")
   if not args.table:
-    if args.settled:
+    if args.context:
+      budget = (dataclasses.replace(QUICK_SETTLED, data=("context",)) if args.quick else CONTEXT)
+      if args.steps:
+        budget = at_steps(budget, args.steps, load_results(args.rates_from))
+    elif args.settled:
       budget = QUICK_SETTLED if args.quick else SETTLED
       if args.steps:
         budget = at_steps(budget, args.steps, load_results(args.rates_from))

@@ -76,8 +76,10 @@ def base_config():
   # The maps that get a prediction head, finest first; their order is the default-box order.
   c.model.head_sources = ("conv4_3", "conv7", "conv8_2", "conv9_2", "conv10_2", "conv11_2")
   c.model.dtype = "float32"             # compute dtype: "bfloat16" on GPU/TPU; params stay float32
-  c.model.init_from = ""                # ImageNet VGG16 weights file (safetensors / .pth); "" = none
-  c.model.init_source = "auto"          # "auto" | "timm" | "torchvision" | "ssd_pytorch"
+  # ImageNet VGG16 weights (safetensors / .pth), torchvision's ssd300_vgg16 COCO file, or a workdir /
+  # checkpoint folder of this project to fine-tune from (docs/your_data.md); "" = none
+  c.model.init_from = ""
+  c.model.init_source = "auto"          # "auto" | "timm" | "torchvision" | "ssd_pytorch" | "torchvision_ssd300"
   # The paper starts the trunk from ImageNet weights: without init_from training refuses to start
   # unless this says that a random trunk is meant (the demo and tests train from scratch).
   c.model.allow_random_trunk = False
@@ -129,10 +131,26 @@ def base_config():
   c.data.synthetic.max_objects = 12     # labelled objects per image: 0..max (fewer where overlap is too much)
   c.data.synthetic.max_distractors = 4  # unlabelled shapes (stars, thin bars) per image: 0..max
   c.data.synthetic.colour_by_class = False  # True: one hue per class (easier: the CPU demo)
+  # True: the context setting (configs/demo_context.py): tiny objects' classes told by a scene marker
+  # far from them, 9 classes (num_classes is not read); the other keys keep their meaning.
+  c.data.synthetic.context = False
   c.data.tt100k = ml_collections.ConfigDict()      # used by the TT100K data set only
   c.data.tt100k.classes = ()            # () = the customary 45 classes
   c.data.tt100k.train_crop_size_px = 512
   c.data.tt100k.crop_on_object_prob = 0.9  # share of training crops that contain a chosen sign (else anywhere)
+  # Your own files (config.data.name = "custom"; docs/your_data.md): a COCO JSON file, an
+  # ultralytics data.yaml or a VOC folder; the format is detected from the path.
+  c.data.custom = ml_collections.ConfigDict()
+  c.data.custom.train = ""              # annotations to train on (required)
+  c.data.custom.eval = ""               # "" = data.yaml's val (YOLO), else a held-out share of train
+  c.data.custom.format = ""             # "" = from the path; or "coco" | "yolo" | "voc"
+  c.data.custom.train_images = ""       # COCO: the image folder ("" = the JSON's folder)
+  c.data.custom.eval_images = ""
+  c.data.custom.train_split = ""        # VOC: ImageSets/Main/<split>.txt ("" = every XML)
+  c.data.custom.eval_split = ""         # VOC: a second list in the same folder, as the eval split
+  c.data.custom.class_names = ()        # () = from the data (VOC: the XMLs' names, sorted)
+  c.data.custom.holdout_fraction = 0.1  # held out of train for evaluation when there is no eval
+  c.data.custom.holdout_seed = 0
 
   # Caffe SSD's augmentation (docs/augmentation.md), in the order it is applied.
   c.augment = ml_collections.ConfigDict()
@@ -265,6 +283,39 @@ def coco_eval(split="", every_steps=50_000, max_images=0, num_pictures=8):
   """
   return _eval_entry("coco", split, every_steps, max_images, num_pictures,
                      coco_backend="pycocotools")
+
+
+def data_eval(split="", every_steps=2_000, max_images=0, num_pictures=8):
+  """An evaluator entry whose metric follows the data (type "auto", mdssd_jax/run/data_config.py):
+  COCO's twelve numbers for a COCO JSON source (its category ids), VOC mAP@0.5 (area under the
+  precision envelope) for YOLO and VOC sources; AP by object size for all."""
+  return _eval_entry("auto", split, every_steps, max_images, num_pictures, iou_threshold=0.5,
+                     use_07_metric=False, coco_backend="pycocotools")
+
+
+def custom(c):
+  """A user's own files (docs/your_data.md): classes, class count and metric follow the data.
+
+  The schedule is a starting point for a few thousand images fine-tuned from trained weights
+  (config.model.init_from): SGD with Caffe's solver details at lr 1e-3, batch 32, 12k steps, decays
+  at 2/3 and 5/6, evaluated every 2000 steps on the eval split. A larger data set or training from
+  ImageNet weights wants more steps (the VOC recipe: 120k).
+  """
+  c.model.num_classes = 0               # 0 = the data set's class count (a count set here must match)
+  c.data.name = "custom"
+  c.data.train_split = "train"
+  c.data.eval_split = "validation"
+  c.data.max_boxes = 128                # small-object data sets are crowded (VisDrone: 50+ per image)
+  c.evals = ml_collections.ConfigDict(dict(eval=data_eval()))
+  c.eval.best_metric = "eval/auto"      # the metric's headline: AP (COCO JSON) or mAP (YOLO, VOC)
+  c.eval.pre_nms_top_k = 400
+  c.eval.top_k = 200
+  c.train.global_batch_size = 32
+  c.train.num_steps = 12_000
+  c.train.base_lr = 1e-3
+  c.train.lr_decay_steps = (8_000, 10_000)
+  c.train.checkpoint_every_steps = 2_000
+  caffe_sgd_recipe(c)
 
 
 def tt100k_eval(split="", every_steps=10_000, max_images=0, num_pictures=8):

@@ -70,3 +70,22 @@ def test_context_classes_and_counts():
   assert (labels < 6).sum() >= 8 and (labels >= 6).sum() >= 8   # both families drawn
   plain = synthetic.SyntheticSpec(image_size_px=192, num_train=8, num_test=8)
   assert plain.config_name() != SPEC.config_name()
+
+
+def test_tiny_confusion_counts_right_shape_wrong_scene():
+  """Worked by hand: class 1 circle@stripes, 4 circle@checks, 2 square@stripes, 7 plus."""
+  from benchmarks import study_small_objects as study   # pylint: disable=g-import-not-at-top
+  names = SPEC.class_names
+  gt = {"boxes": np.array([[10, 10, 20, 20], [50, 50, 62, 60], [100, 100, 130, 130]], float),
+        "labels": np.array([1, 2, 7])}
+  pred = {"boxes": np.array([[10, 10, 20, 20],      # circle@stripes on the circle: right
+                             [11, 10, 20, 20],      # circle@checks on the circle: wrong scene
+                             [10, 11, 20, 21],      # square@stripes on the circle: other shape
+                             [50, 50, 62, 60],      # square@checks on the square: wrong scene
+                             [51, 50, 62, 60],      # square@checks at score 0.1: not counted
+                             [100, 100, 130, 130],  # plus on the plus: local class, not counted
+                             [0, 0, 5, 5]], float),  # nowhere near
+          "scores": np.array([0.9, 0.8, 0.7, 0.6, 0.1, 0.9, 0.9]),
+          "labels": np.array([1, 4, 2, 5, 5, 7, 4])}
+  assert study.tiny_confusion([pred], [gt], names) == pytest.approx(2 / 3)
+  assert study.tiny_confusion([dict(pred, scores=pred["scores"] * 0)], [gt], names) is None

@@ -18,6 +18,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import tensorflow_datasets as tfds
 
 from mdssd_jax.data import coco
+from mdssd_jax.data import custom
 from mdssd_jax.data import report
 from mdssd_jax.data import synthetic
 from mdssd_jax.data import tt100k
@@ -66,6 +67,8 @@ class DatasetInfo:
   crop_on_object_prob: float = 0.0
   auto_prepare: bool = False
   needs: str = ""              # the official files, for messages and the README
+  describe: str = ""           # what is read, said first by --mode=prepare (a user's own files)
+  prepare_flags: str = ""      # the prepare command's flags; "" = --config.data.manual_dir=DIR
 
   @property
   def num_classes(self):
@@ -176,6 +179,28 @@ def _tt100k(data_cfg):
                      needs="annotations.json + train/ + test/ (TT100K's data/ folder)")
 
 
+def data_dir_root(data_dir):
+  """The folder TFDS prepares into: data_dir, else $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
+  return data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+
+
+def _custom(data_cfg):
+  settings = custom.settings_from_config(data_cfg.custom)
+  builder_config, describe = custom.builder_config(settings, data_dir_root(data_cfg.data_dir))
+  part = Part(f"{custom.BUILDER_NAME}/{builder_config.name}",
+              _builder(custom.CustomDetection, builder_config),
+              lambda manual_dir: custom.missing_files_message(settings))
+  category_ids = builder_config.category_ids
+  return DatasetInfo(
+      name="custom", class_names=list(builder_config.class_names), parts=(part,),
+      label_to_category_id=({label: cid for label, cid in enumerate(category_ids, start=1)}
+                            if category_ids is not None else None),
+      needs=f"the files named by config.data.custom (train={settings.train})",
+      describe=f"custom data: {describe}",
+      prepare_flags=f"--config.data.custom.train={settings.train} (and the same "
+                    "config.data.custom settings as this run)")
+
+
 _REGISTRY = {
     "synthetic_small_objects": _synthetic,
     "voc/2007": _voc("2007"),
@@ -183,6 +208,7 @@ _REGISTRY = {
     "voc/2007+2012": _voc_union,
     "coco/2017": _coco,
     "tt100k": _tt100k,
+    "custom": _custom,
 }
 
 
@@ -209,8 +235,7 @@ def get_dataset(data_cfg):
 
 def default_manual_dir(data_dir):
   """TFDS's default place for manually downloaded files: <data_dir>/downloads/manual."""
-  root = data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
-  return os.path.join(root, "downloads", "manual")
+  return os.path.join(data_dir_root(data_dir), "downloads", "manual")
 
 
 def _fresh_builder(part, data_dir, builder):
@@ -328,10 +353,12 @@ def prepared_builders(info, data_dir, part_indices, config_path_hint="CONFIG"):
     builder = part.make_builder(data_dir)
     if not builder.is_prepared():
       if not info.auto_prepare:
+        flags = info.prepare_flags or "--config.data.manual_dir=DIR"
         raise FileNotFoundError(
             f"data set {info.name!r} ({part.tfds_name}) is not prepared in "
             f"{builder.data_dir_root}. Run once:\n  python main.py --config={config_path_hint} "
-            f"--mode=prepare --config.data.manual_dir=DIR\nwith DIR holding {info.needs}.")
+            f"--mode=prepare {flags}" + ("" if info.prepare_flags else
+                                         f"\nwith DIR holding {info.needs}."))
       logging.info("%s is not prepared yet: generating it in %s (no files needed)", info.name,
                    builder.data_dir_root)
       builder = prepare_part(part, data_dir, "")

@@ -176,7 +176,8 @@ def _element_lines(xml_bytes):
 _XML_FIX = "correct the file (it must be the VOC XML of that image) or restore it from the official tar"
 
 
-def parse_annotation(xml_bytes, file="<annotation>", counts=None):
+def parse_annotation(xml_bytes, file="<annotation>", counts=None, class_names=VOC_LABELS,
+                     fold_case=True, image_size_px=None):
   """One VOC XML annotation -> list of TFDS voc `objects` dicts, boxes normalised and clipped.
 
   Args:
@@ -185,10 +186,20 @@ def parse_annotation(xml_bytes, file="<annotation>", counts=None):
     counts: optional callable(counter name, n) told of each repair (report.COUNTERS): boxes that
       reach outside the image are clipped to it ("boxes_clipped"), a box with xmin > xmax or
       ymin > ymax is stored with zero width or height ("boxes_inverted"; the pipeline drops it).
+    class_names: the class names an object may have (VOC's 20 by default).
+    fold_case: compare names in lower case (the VOC devkit's files are); a data set of one's own
+      keeps its names as written.
+    image_size_px: (width, height) of the decoded image, or None. Given, boxes are normalised by it
+      and <size> may be missing or zero; a <size> that disagrees with it is refused.
   Raises:
     report.BadAnnotation naming the file, the line (where known) and the fix: XML that does not
-    parse, a missing or non-positive <size>, a box without four numbers, an unknown class name.
+    parse or declares a DTD (entities could expand without bound), a missing or non-positive
+    <size>, a box without four numbers, an unknown class name.
   """
+  if b"<!DOCTYPE" in xml_bytes or b"<!ENTITY" in xml_bytes:
+    # Annotation files are data from anywhere: no DTD, so no entity expansion ("billion laughs").
+    raise report.BadAnnotation(file, "the XML declares a DTD or entities, which are refused",
+                               "remove the <!DOCTYPE ...> / <!ENTITY ...> declarations")
   try:
     root = ElementTree.fromstring(xml_bytes)
   except ElementTree.ParseError as e:
@@ -211,7 +222,18 @@ def parse_annotation(xml_bytes, file="<annotation>", counts=None):
     return value
 
   size = root.find("size")
-  width, height = number(size, "width", "size"), number(size, "height", "size")
+  if image_size_px is not None:
+    declared = [number(size, key, "size") if size is not None and size.find(key) is not None
+                and (size.find(key).text or "").strip() else 0.0 for key in ("width", "height")]
+    width, height = (float(v) for v in image_size_px)
+    if all(declared) and (declared[0], declared[1]) != (width, height):
+      raise report.BadAnnotation(
+          file, f"<size> says {declared[0]:g} x {declared[1]:g} px but the image is {width:g} x "
+          f"{height:g} px (as viewers show it, EXIF orientation applied)",
+          "write the image's real width and height into <size> (or remove <size>)",
+          line=line_of(f"{root.tag}/size"))
+  else:
+    width, height = number(size, "width", "size"), number(size, "height", "size")
   if width <= 0 or height <= 0:
     raise report.BadAnnotation(
         file, f"the image size is {width:g} x {height:g} px (<size>); boxes cannot be normalised",
@@ -221,11 +243,15 @@ def parse_annotation(xml_bytes, file="<annotation>", counts=None):
   for k, obj in enumerate(root.findall("object")):
     obj_line = line_of(f"{root.tag}/object", k)
     name = obj.find("name")
-    label = name.text.strip().lower() if name is not None and name.text else ""
-    if label not in VOC_LABELS:
+    label = name.text.strip() if name is not None and name.text else ""
+    label = label.lower() if fold_case else label
+    if label not in class_names:
+      which = ("the 20 VOC classes" if tuple(class_names) == VOC_LABELS
+               else f"the {len(class_names)} classes")
       raise report.BadAnnotation(
-          file, f"object {k + 1} has the class {label!r}, which is not one of the 20 VOC classes",
-          f"use one of {', '.join(VOC_LABELS)}", line=line_of(f"{root.tag}/object/name", k) or obj_line)
+          file, f"object {k + 1} has the class {label!r}, which is not one of {which}",
+          f"use one of {', '.join(class_names)}",
+          line=line_of(f"{root.tag}/object/name", k) or obj_line)
     box = obj.find("bndbox")
     xmin, ymin, xmax, ymax = (number(box, key, "object/bndbox", k)
                               for key in ("xmin", "ymin", "xmax", "ymax"))

@@ -32,6 +32,7 @@ from mdssd_jax.data import pipeline
 from mdssd_jax.report import history
 from mdssd_jax.report import plots
 from mdssd_jax.report import progress as progress_lib
+from mdssd_jax.run import data_config
 from mdssd_jax.run import evaluate
 from mdssd_jax.state import checkpointing
 from mdssd_jax.state import experiment
@@ -253,6 +254,7 @@ def check_config(config):
 def train_and_evaluate(config, workdir):
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final metrics."""
   workdir = os.path.abspath(workdir)
+  config, _ = data_config.resolve(config)   # a user's own data: class count and metric from it
   check_config(config)
   first = jax.process_index() == 0
   found = _contents(workdir)
