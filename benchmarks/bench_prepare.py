@@ -13,13 +13,13 @@ the baseline measured in the same run.
 import argparse
 import json
 import os
-import platform
 import shutil
 import tempfile
 import time
 
 import numpy as np
 
+from benchmarks.bench_core import cpu_model
 from benchmarks.bench_input import natural_looking_jpegs
 from configs import common
 from mdssd_jax.data import prepare
@@ -113,7 +113,7 @@ def main():
         shutil.rmtree(data_dir)
     size_kb = np.mean([len(j) for j in jpegs]) / 1024
     print(f"\n{args.num_images} JPEGs of {WIDTH}x{HEIGHT} ({size_kb:.0f} KB on average), "
-          f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; best of "
+          f"{os.cpu_count()} CPUs, {cpu_model()}; best of "
           f"{args.repeats}\n")
     baseline = min(seconds.get("voc/2007 (native builder)", [float("nan")]))
     print("| source | prepare s | images/s | time / native VOC builder |")

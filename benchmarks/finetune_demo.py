@@ -17,9 +17,9 @@ table in docs/your_data.md is printed from that file with --table.
 import argparse
 import json
 import os
-import platform
 import time
 
+from benchmarks.bench_core import cpu_model
 from configs import common
 from configs import demo_synthetic
 from mdssd_jax.data import prepare
@@ -31,17 +31,6 @@ RESULTS = os.path.join(os.path.dirname(__file__), "results", "finetune_demo.json
 GROUPS = {"circle": "round", "ring": "round", "square": "square-ish", "diamond": "square-ish",
           "triangle": "pointed", "plus": "pointed"}
 TARGET_CLASSES = ("round", "square-ish", "pointed")
-
-
-def _cpu_name():
-  try:
-    with open("/proc/cpuinfo") as f:
-      names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
-    flags = open("/proc/cpuinfo").read()
-    avx512 = "avx512f" in flags
-    return f"{names[0] if names else platform.machine()} ({'AVX-512' if avx512 else 'AVX2 only'})"
-  except OSError:
-    return platform.machine()
 
 
 def write_target(root, data_dir, num_train, num_test):
@@ -102,7 +91,7 @@ def run(args):
   train.train_and_evaluate(source, os.path.join(root, "source"))
   source_s = time.time() - start
   custom = write_target(root, data_dir, args.num_train, args.num_test)
-  results = {"machine": _cpu_name(), "cpus": os.cpu_count(), "source_steps": args.source_steps,
+  results = {"machine": cpu_model(), "cpus": os.cpu_count(), "source_steps": args.source_steps,
              "source_seconds": round(source_s), "target": {"classes": list(TARGET_CLASSES),
                                                           "groups": GROUPS, "num_train": args.num_train,
                                                           "num_test": args.num_test},

@@ -89,3 +89,13 @@ def test_tiny_confusion_counts_right_shape_wrong_scene():
           "labels": np.array([1, 4, 2, 5, 5, 7, 4])}
   assert study.tiny_confusion([pred], [gt], names) == pytest.approx(2 / 3)
   assert study.tiny_confusion([dict(pred, scores=pred["scores"] * 0)], [gt], names) is None
+
+
+def test_study_variants_on_context_data_have_its_nine_classes():
+  from benchmarks import study_small_objects as study   # pylint: disable=g-import-not-at-top
+  from mdssd_jax.data import registry   # pylint: disable=g-import-not-at-top
+  for variant in study.CONTEXT.variants:
+    config = study.variant_config(variant, "context", study.CONTEXT, seed=0, lr=6e-3)
+    assert config.data.synthetic.context and config.model.num_classes == 9
+    assert registry.get_dataset(config.data).class_names == SPEC.class_names
+  assert study.steps_out(2400, "context").endswith("study_context_2400steps.json")
