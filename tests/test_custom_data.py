@@ -183,6 +183,10 @@ def test_unparsable_files_and_unsafe_yaml_xml_are_refused(sources, tmp_path):
   broken.write_text('{"images": [')
   with pytest.raises(report.BadAnnotation, match=r"broken.json, line 1: the JSON does not parse"):
     prepare.prepare(custom_config(tmp_path / "a", **{"data.custom.train": str(broken)}))
+  broken_yaml = tmp_path / "broken.yaml"
+  broken_yaml.write_text("path: .\ntrain: [images\nnames: [a]\n")
+  with pytest.raises(report.BadAnnotation, match=r"broken.yaml, line \d+: the YAML does not parse"):
+    prepare.prepare(custom_config(tmp_path / "y", **{"data.custom.train": str(broken_yaml)}))
   evil = tmp_path / "evil.yaml"
   marker = tmp_path / "ran"
   evil.write_text(f"path: .\ntrain: images\nnames: !!python/object/apply:os.system "
