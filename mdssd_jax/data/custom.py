@@ -375,9 +375,9 @@ def _yolo_images(root: str, listing, yaml_path: str, key: str) -> List[str]:
     elif location.lower().endswith(".txt") and os.path.isfile(location):
       with open(location) as f:
         for line in (l.strip() for l in f):
-          if line:
-            line = line[2:] if line.startswith("./") else line
-            paths.append(os.path.join(root, line) if not os.path.isabs(line) else line)
+          if line:   # ultralytics: "./x" is relative to the list's folder, "x" to `path`
+            base = os.path.dirname(location) if line.startswith("./") else root
+            paths.append(os.path.normpath(os.path.join(base, line)))
     else:
       raise report.BadAnnotation(yaml_path, f"`{key}: {item}` is neither a folder of images nor a "
                                  f".txt list of them under {root}", f"point `{key}` at images/<split>")
@@ -605,7 +605,7 @@ def holdout(entries: List[Entry], fraction: float, seed: int) -> Tuple[List[Entr
 
   Entries without an image (orphan annotations) stay with the training split's report.
   """
-  images = [k for k, e in enumerate(entries) if e.path or e.error is None]
+  images = [k for k, e in enumerate(entries) if e.is_image]
   count = min(max(1, round(fraction * len(images))), len(images) - 1) if len(images) > 1 else 0
   chosen = set(np.random.default_rng(seed).permutation(len(images))[:count].tolist())
   held = {images[k] for k in chosen}
