@@ -244,9 +244,10 @@ def test_main_is_quiet_by_default_and_verbose_with_v(tmp_path):
   assert any("checkpoint_manager.py" in l for l in library), "\n".join(verbose[:50])
 
 
-def test_filter_hides_orbax_preemption_and_failed_save_lines_only():
-  """Orbax's lines of a multi-process preemption and of a failed save (main.py's one Error: line
-  reports that failure) stay off the default console; its other errors and -v keep them."""
+def test_filter_hides_orbax_preemption_failed_save_and_slow_save_lines_only():
+  """Orbax's lines of a multi-process preemption, of a failed save (main.py's one Error: line
+  reports that failure) and its "Waiting for previous save" notice stay off the default console;
+  its other errors and -v keep them."""
   quiet, loud = console._LibraryFilter(0), console._LibraryFilter(1)
   multihost = "/x/site-packages/orbax/checkpoint/_src/multihost/multihost.py"
   future = "/x/site-packages/orbax/checkpoint/_src/futures/future.py"
@@ -257,7 +258,10 @@ def test_filter_hides_orbax_preemption_and_failed_save_lines_only():
               _record(future, logging.ERROR, "[process=0] Failed to run 4 Handler Commit "
                       "operations or the Commit callback in background save thread"),
               _record(future, logging.ERROR, "[process=0][step=3][wait_until_finished] Save "
-                      "Finalize thread (save_finalize) failed.")]
+                      "Finalize thread (save_finalize) failed."),
+              _record("/x/site-packages/orbax/checkpoint/checkpoint_manager.py", logging.WARNING,
+                      "Waiting for previous save to complete took 12.500000 seconds. If this "
+                      "number is high, consider checkpointing less frequently.")]
   assert not any(quiet.filter(r) for r in expected)
   assert all(loud.filter(r) for r in expected)
   assert quiet.filter(_record(future, logging.ERROR, "something else went wrong"))

@@ -81,6 +81,11 @@ _EXPECTED_LIBRARY_WARNINGS: Tuple[Tuple[str, str, str], ...] = (
      "a failed asynchronous save, reported by main.py's Error: line"),
     ("orbax", r"Save Finalize thread .*failed",
      "a failed asynchronous save, reported by main.py's Error: line"),
+    # Logged by CheckpointManager.save when the previous asynchronous save took longer than a few
+    # seconds; on a long run (or a loaded machine) it repeats at every checkpoint and asks nothing
+    # of the user that config.train.checkpoint_every_steps does not already say. -v shows it.
+    ("orbax", r"Waiting for previous save to complete took",
+     "the previous asynchronous save still running at the next save; -v shows how long"),
 )
 
 # Lines that the libraries' native (C++) code prints straight to the process's stdout or stderr,
