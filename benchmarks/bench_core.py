@@ -1,6 +1,7 @@
 """Times the detection core (match + loss, detect) against a per-image NumPy implementation.
 
     python -m benchmarks.bench_core [--batch 32] [--slots 50] [--repeats 5]
+    python -m benchmarks.bench_core --slots 64,128 --sequential    # before/after of the bipartite stage
 
 Matching is timed for both rules of `loss.matching` (docs/matching.md): "bipartite" (Caffe SSD's,
 the default) and "forced" (ssd.pytorch's), on MDSSD300 and MDSSD512 default boxes. The NumPy side
@@ -9,6 +10,10 @@ images (and over ground truths for forced matches, over classes and candidates f
 vectorised over default boxes inside; it implements the forced rule (the bipartite rule is checked
 against a literal NumPy transcription of Caffe's loop in tests/test_matching.py). Both sides are
 checked to agree before timing. JAX numbers: jitted, after a warm-up call, median of --repeats runs.
+With --sequential the previous implementation of the bipartite rule (`match_sequential.py`: a scan
+over the slots with a top_k per slot, then M sequential steps) is timed beside today's, alternating
+run by run so that load from other jobs hits both alike, after checking that both give bit-identical
+targets; the last column is then previous / today's time.
 """
 
 import argparse
@@ -27,6 +32,7 @@ import jax.numpy as jnp  # noqa: E402
 from configs import common  # noqa: E402
 from mdssd_jax.core import anchors as anchor_lib  # noqa: E402
 from mdssd_jax.core import losses, matching, postprocess  # noqa: E402
+from benchmarks import match_sequential  # noqa: E402
 
 VARIANCES = (0.1, 0.2)
 
@@ -139,6 +145,30 @@ def median_seconds(fn, repeats):
   return statistics.median(times)
 
 
+def cpu_model():
+  """'model name (avx512 flags, amx flags)' from /proc/cpuinfo, or the platform's word for it."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      info = f.read()
+  except OSError:
+    return platform.processor() or platform.machine()
+  model = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                if line.startswith("model name")), platform.machine())
+  flags = next((line.split(":", 1)[1].split() for line in info.splitlines()
+                if line.startswith("flags")), [])
+  wide = sorted({f for f in flags if f.startswith(("avx512", "amx"))})
+  return f"{model} ({' '.join(wide) if wide else 'no avx512/amx'})"
+
+
+def paired_median_seconds(fn, other, repeats):
+  """(median of fn, median of other), timed alternately: fn, other, fn, other, ..."""
+  times, other_times = [], []
+  for _ in range(repeats):
+    times.append(median_seconds(fn, 1))
+    other_times.append(median_seconds(other, 1))
+  return statistics.median(times), statistics.median(other_times)
+
+
 def anchors_for(variant):
   c = common.base_config()
   variant(c)
@@ -159,25 +189,37 @@ def random_ground_truth(rng, batch, slots):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batch", type=int, default=32)
-  parser.add_argument("--slots", type=int, default=50, help="ground-truth slots per image")
+  parser.add_argument("--slots", default="50",
+                      help="ground-truth slots per image; a comma-separated list runs each")
   parser.add_argument("--classes", type=int, default=20, help="object classes (+1 background)")
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--detect", type=int, default=1, help="0: skip the NMS row")
+  parser.add_argument("--numpy", type=int, default=1,
+                      help="0: check against NumPy once but time the JAX side only")
+  parser.add_argument("--sequential", action="store_true",
+                      help="also time the previous bipartite implementation (match_sequential.py)")
   args = parser.parse_args()
   rng = np.random.default_rng(0)
   rows = []
 
   match_jit = jax.jit(matching.match, static_argnames=("rule",))
+  sequential_jit = jax.jit(match_sequential.match_sequential)
   loss_jit = jax.jit(losses.multibox_loss)
 
-  @functools.partial(jax.jit, static_argnames=("rule",))
-  def match_and_loss(gt_boxes, gt_labels, anchors, loc_preds, cls_logits, rule="bipartite"):
-    loc_targets, cls_targets = matching.match(gt_boxes, gt_labels, anchors, rule=rule)
+  @functools.partial(jax.jit, static_argnames=("rule", "sequential"))
+  def match_and_loss(gt_boxes, gt_labels, anchors, loc_preds, cls_logits, rule="bipartite",
+                     sequential=False):
+    match_fn = match_sequential.match_sequential if sequential else matching.match
+    loc_targets, cls_targets = match_fn(gt_boxes, gt_labels, anchors, rule=rule)
     return losses.multibox_loss(loc_preds, cls_logits, loc_targets, cls_targets)[0]
 
-  for name, variant in (("MDSSD300", common.mdssd300), ("MDSSD512", common.mdssd512)):
+  settings = [(name, variant, int(slots)) for name, variant in
+              (("MDSSD300", common.mdssd300), ("MDSSD512", common.mdssd512))
+              for slots in args.slots.split(",")]
+  for name, variant, num_slots in settings:
     anchors = anchors_for(variant)
     num_anchors = anchors.shape[0]
-    gt_boxes, gt_labels = random_ground_truth(rng, args.batch, args.slots)
+    gt_boxes, gt_labels = random_ground_truth(rng, args.batch, num_slots)
     loc_preds = rng.normal(0, 1, (args.batch, num_anchors, 4)).astype(np.float32)
     cls_logits = rng.normal(0, 1, (args.batch, num_anchors, args.classes + 1)).astype(np.float32)
     device_inputs = [jnp.asarray(x) for x in (gt_boxes, gt_labels, anchors, loc_preds, cls_logits)]
@@ -204,11 +246,37 @@ def main():
         ("match bipartite + loss", lambda: match_and_loss(*device_inputs, rule="bipartite"), None),
     ]
     for case, jax_fn, np_fn in cases:
+      np_fn = np_fn if args.numpy else None
       jax.block_until_ready(jax_fn())                 # compile outside the timing
-      rows.append((f"{case}, {name} (A={num_anchors}, M={args.slots})",
+      rows.append((f"{case}, {name} (A={num_anchors}, M={num_slots})",
                    median_seconds(jax_fn, args.repeats),
-                   median_seconds(np_fn, args.repeats) if np_fn is not None else None))
+                   median_seconds(np_fn, args.repeats) if np_fn is not None else None, None))
+      print("measured:", rows[-1], flush=True)          # a later failure keeps what was measured
+    if args.sequential:
+      # Bit-identical targets first (docs/matching.md: why they must be), then alternate the two.
+      new_targets = match_jit(*device_inputs[:3], rule="bipartite")
+      for new, old in zip(new_targets, sequential_jit(*device_inputs[:3])):
+        assert np.array_equal(np.asarray(new), np.asarray(old)), "match != match_sequential"
+      pairs = [
+          ("match bipartite", lambda: match_jit(*device_inputs[:3], rule="bipartite"),
+           lambda: sequential_jit(*device_inputs[:3])),
+          ("match bipartite + loss", lambda: match_and_loss(*device_inputs, rule="bipartite"),
+           lambda: match_and_loss(*device_inputs, rule="bipartite", sequential=True)),
+      ]
+      for case, jax_fn, previous_fn in pairs:
+        jax.block_until_ready(previous_fn())
+        now_s, previous_s = paired_median_seconds(jax_fn, previous_fn, args.repeats)
+        rows.append((f"{case} today / previous, {name} (A={num_anchors}, M={num_slots})",
+                     now_s, None, previous_s))
+        print("measured:", rows[-1], flush=True)
 
+  if args.detect:
+    detect_row(args, rng, rows)
+  print_table(args, rows)
+
+
+def detect_row(args, rng, rows):
+  """Times on-device NMS (postprocess.detect) against np_detect, after checking they agree."""
   anchors = anchors_for(common.ssd300)
   num_anchors = anchors.shape[0]
   loc_preds = rng.normal(0, 0.5, (args.batch, num_anchors, 4)).astype(np.float32)
@@ -222,19 +290,23 @@ def main():
   assert np.allclose(np.asarray(got["boxes"]), ref_boxes, atol=1e-5), "detect disagrees (boxes)"
   rows.append((f"detect, SSD300 (A={num_anchors}, {args.classes + 1} classes, random logits)",
                median_seconds(lambda: detect_jit(*device_inputs), args.repeats),
-               median_seconds(lambda: np_detect(loc_preds, cls_logits, anchors), args.repeats)))
+               median_seconds(lambda: np_detect(loc_preds, cls_logits, anchors), args.repeats), None))
 
-  print(f"batch {args.batch}; {platform.processor() or platform.machine()}, {os.cpu_count()} CPU "
+
+def print_table(args, rows):
+  print(f"batch {args.batch}; {cpu_model()}, {os.cpu_count()} CPU "
         f"cores, jax {jax.__version__} on {jax.devices()[0].platform}; median of {args.repeats} runs; "
         f"outputs of both sides checked equal; load average now {os.getloadavg()[0]:.1f} "
         f"(other work on a shared machine slows both sides)")
   width = max(len(r[0]) for r in rows)
-  print(f"{'work':<{width}}  {'JAX jit ms':>10}  {'NumPy ms':>10}  {'speed-up':>8}")
-  for label, jax_s, np_s in rows:
-    if np_s is None:
-      print(f"{label:<{width}}  {jax_s * 1e3:>10.1f}  {'-':>10}  {'-':>8}")
-    else:
-      print(f"{label:<{width}}  {jax_s * 1e3:>10.1f}  {np_s * 1e3:>10.1f}  {np_s / jax_s:>7.1f}x")
+  print(f"{'work':<{width}}  {'JAX jit ms':>10}  {'NumPy ms':>10}  {'speed-up':>8}  "
+        f"{'previous ms':>11}  {'previous / today':>16}")
+  for label, jax_s, np_s, previous_s in rows:
+    numpy_cells = (f"{'-':>10}  {'-':>8}" if np_s is None else
+                   f"{np_s * 1e3:>10.1f}  {np_s / jax_s:>7.1f}x")
+    previous_cells = (f"{'-':>11}  {'-':>16}" if previous_s is None else
+                      f"{previous_s * 1e3:>11.1f}  {previous_s / jax_s:>15.2f}x")
+    print(f"{label:<{width}}  {jax_s * 1e3:>10.1f}  {numpy_cells}  {previous_cells}")
 
 
 if __name__ == "__main__":
