@@ -1,10 +1,12 @@
-"""torchvision's SSD300 train step and single convolutions on the CPU, for `bench_train --torch_cpu`.
+"""torchvision's SSD300 train step and single convolutions, for `bench_train --torch_cpu` (CPU) and
+`device_check.sh` (the same step on a GPU, bf16 autocast, channels_last).
 
 Runs under any Python that has torch and torchvision (a venv): it imports nothing of this project
 and no JAX, so a benchmark-only torch install is all it needs. One JSON line per measurement on
 stdout.
 
     python benchmarks/torch_cpu.py step --batch=4 --threads=2 --repeats=3
+    python benchmarks/torch_cpu.py step --device=cuda --bf16 --channels_last --batch=32 --repeats=20
     python benchmarks/torch_cpu.py layers --batch=4 --threads=2 --layers='[[300, 300, 64, 64, 3, 1, 1, 1]]'
 
 `layers` takes a JSON list of [H, W, Cin, Cout, kernel, stride, padding, dilation] (NCHW in torch,
@@ -33,9 +35,10 @@ def random_arrays(batch, size_px, max_boxes, num_classes, rng):
   return dict(image=images, boxes=boxes, labels=labels)
 
 
-def median_seconds(fn, repeats):
-  """Median wall time of fn() (which blocks), after one warm-up call."""
-  fn()
+def median_seconds(fn, repeats, warmup=1):
+  """Median wall time of fn() (which blocks), after `warmup` calls."""
+  for _ in range(warmup):
+    fn()
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
@@ -53,31 +56,54 @@ def _torch(threads):
 
 
 def step(args):
-  """torchvision ssd300_vgg16 train step (SGD, momentum 0.9), batch of random images and boxes."""
+  """torchvision ssd300_vgg16 train step (SGD, momentum 0.9), batch of random images and boxes.
+
+  Its own transform (resize to 300, normalisation), matcher (IoU 0.5 + each box's best default
+  box), hard negative mining and losses. On a GPU: --bf16 runs the forward and the loss under
+  torch.autocast(bfloat16) (the backward follows autocast's dtypes; parameters and SGD stay
+  float32, as in our bf16 step), --channels_last puts the model's weights in NHWC; cuDNN benchmark
+  mode picks the fastest kernels during the warm-up steps.
+  """
   torch = _torch(args.threads)
   import torchvision  # pylint: disable=g-import-not-at-top
+  device = torch.device(args.device)
+  on_gpu = device.type == "cuda"
+  if on_gpu:
+    torch.backends.cudnn.benchmark = True
   model = torchvision.models.detection.ssd300_vgg16(weights=None, weights_backbone=None,
-                                                    num_classes=VOC_CLASSES + 1)
+                                                    num_classes=VOC_CLASSES + 1).to(device)
+  if args.channels_last:
+    model = model.to(memory_format=torch.channels_last)
   model.train()
   optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
   host = random_arrays(args.batch, SSD300_SIZE_PX, args.max_boxes, VOC_CLASSES,
                        np.random.default_rng(0))
   # torchvision's transform resizes to 300 and normalises inside the model, like our step.
-  images = [torch.from_numpy(im).permute(2, 0, 1).float() / 255.0 for im in host["image"]]
+  # Images and boxes sit on the device before timing (our step, too, is timed on device arrays).
+  images = [(torch.from_numpy(im).permute(2, 0, 1).float() / 255.0).to(device)
+            for im in host["image"]]
   targets = []
   for boxes, labels in zip(host["boxes"], host["labels"]):
     keep = labels > 0
-    targets.append(dict(boxes=torch.from_numpy(boxes[keep] * SSD300_SIZE_PX),
-                        labels=torch.from_numpy(labels[keep]).long()))
+    targets.append(dict(boxes=torch.from_numpy(boxes[keep] * SSD300_SIZE_PX).to(device),
+                        labels=torch.from_numpy(labels[keep]).long().to(device)))
+  autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
   def run():
     optimizer.zero_grad(set_to_none=True)
-    loss = sum(model(images, targets).values())
+    with autocast:
+      loss = sum(model(images, targets).values())
     loss.backward()
     optimizer.step()
-  step_s = median_seconds(run, args.repeats)
+    if on_gpu:
+      torch.cuda.synchronize()
+  step_s = median_seconds(run, args.repeats, warmup=args.warmup)
+  version = f"torch {torch.__version__}, torchvision {torchvision.__version__}"
+  if on_gpu:
+    version += f", CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"
   print(json.dumps(dict(variant="torchvision", step_s=step_s, threads=torch.get_num_threads(),
-                        version=f"torch {torch.__version__}, torchvision {torchvision.__version__}")))
+                        batch=args.batch, images_per_s=args.batch / step_s, device=str(device),
+                        bf16=args.bf16, channels_last=args.channels_last, version=version)))
 
 
 def layers(args):
@@ -108,6 +134,10 @@ def main():
   parser.add_argument("--threads", type=int, default=0, help="0: torch's default (all CPUs)")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--max_boxes", type=int, default=64, help="ground-truth slots (ssd300_voc: 64)")
+  parser.add_argument("--device", default="cpu", help="step: cpu or cuda")
+  parser.add_argument("--bf16", action="store_true", help="step: bfloat16 autocast")
+  parser.add_argument("--channels_last", action="store_true", help="step: NHWC weights")
+  parser.add_argument("--warmup", type=int, default=1, help="step: untimed steps first")
   parser.add_argument("--layers", default="[]")
   args = parser.parse_args()
   {"step": step, "layers": layers}[args.what](args)
