@@ -442,3 +442,21 @@ def test_torchvision_ssd300_file_maps_onto_ssd300(tmp_path):
       "conv1", "conv4", "conv7", "conv8") and name in fresh for name in ("conv1_1", "conv8_1"))
   assert all(name.startswith("fusion") or name.endswith(("_conf", "_loc", "_norm"))
              for name in fresh)
+
+
+def test_prepare_through_main_says_the_format_first_and_refuses_by_name(sources, tmp_path):
+  """As a user runs it: the first line names the format; a bad file ends in one Error: line."""
+  coco = sources["coco"]
+  proc = helpers.run_main(
+      ["--mode=prepare", f"--config.data.data_dir={tmp_path}",
+       f"--config.data.custom.train={coco['data.custom.train']}",
+       f"--config.data.custom.train_images={coco['data.custom.train_images']}"],
+      config="configs/mdssd300_custom.py", check=True)
+  assert proc.stdout.splitlines()[0].startswith("custom data: COCO JSON "), proc.stdout
+  broken = tmp_path / "broken.json"
+  broken.write_text("{")
+  proc = helpers.run_main(["--mode=prepare", f"--config.data.data_dir={tmp_path}",
+                           f"--config.data.custom.train={broken}"], config="configs/mdssd300_custom.py")
+  errors = [line for line in proc.stderr.splitlines() if line.strip()]
+  assert proc.returncode == 1 and len(errors) == 1, proc.stderr
+  assert errors[0].startswith("Error: BadAnnotation: ") and "broken.json, line 1" in errors[0]
