@@ -221,6 +221,10 @@ def base_config():
   c.train.log_every_steps = 100
   c.train.checkpoint_every_steps = 5_000
   c.train.keep_checkpoints = 3
+  # Multi-process runs: a process that gives no sign of life for this long (dead, SIGSTOPped, stalled
+  # by a slow disk or swapping) makes the others exit with one error naming it, instead of waiting
+  # forever at the next collective (core/multihost.PeerWatchdog). 0 = never give up.
+  c.train.collective_timeout_s = 300.0
   c.train.profile_steps = 0             # >0: write a profiler trace of that many steps
 
   # ---- detection: what evaluation, --mode=predict and the export share --------------------------

@@ -403,8 +403,12 @@ def _train(config, workdir, started):
                jax.device_count())
   start_step, start_time = step, time.time()
   compiled_step = None
-  with (_Preemption() as preemption, metric_writers.ensure_flushes(writer), _closing(manager),
-        progress):
+  # Multi-process: a peer that stops answering ends this process with one error naming it, instead
+  # of a wait without end at the next collective. It stops once the loop, its final evaluation and
+  # saves are done: a peer that finished first is not a dead one.
+  watchdog = multihost.PeerWatchdog(float(train_cfg.get("collective_timeout_s", 0) or 0))
+  with (watchdog, _Preemption() as preemption, metric_writers.ensure_flushes(writer),
+        _closing(manager), progress):
     while step < num_steps:
       batch = setup.global_batch(next(train_iter))
       if compiled_step is None:

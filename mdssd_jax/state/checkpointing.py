@@ -3,14 +3,16 @@
 A checkpoint step holds three items: `state` (params, batch statistics, optimiser state, step, RNG,
 the first non-finite step), `data_iter` (the Grain iterator state of each process) and `meta` (JSON:
 the model's fingerprint, the pixel convention, the data set's class names and category ids). Orbax writes each step
-into a temporary directory and renames it when complete, so a crash or a kill -9 mid-save leaves the
-previous checkpoint as the latest one.
+into a temporary directory and renames it when complete (in a multi-process run, once every process
+has written its part), so a crash or a kill -9 mid-save leaves the previous checkpoint as the latest
+one; the trainer's next start removes the temporary folder and says so (`make_manager`).
 """
 
 import hashlib
 import json
 import os
 
+from absl import logging
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -114,6 +116,8 @@ def make_manager(directory, train_cfg, best_metric=None, best_mode="max", create
   best_metric: a key of the metrics saved with a checkpoint, e.g. "voc/mAP". create=False for
   readers (eval, predict, export), which must not leave an empty folder behind.
   """
+  if create:
+    _say_leftovers(directory)
   policies = [checkpoint_managers.LatestN(n=max(1, int(train_cfg.keep_checkpoints)))]
   if best_metric:
     policies.append(checkpoint_managers.BestN(
@@ -126,6 +130,28 @@ def make_manager(directory, train_cfg, best_metric=None, best_mode="max", create
       create=create)
   return ocp.CheckpointManager(os.path.abspath(directory), options=options,
                                item_names=("state", "data_iter", "meta"))
+
+
+# How Orbax names a step folder while it is being written (renamed to the bare step once complete).
+TMP_MARKER = ".orbax-checkpoint-tmp"
+
+
+def leftover_tmp_folders(directory):
+  """The temporary step folders in `directory`: saves that a crash, a kill -9 or a dead peer
+  process interrupted. None is a checkpoint (available_steps skips them, so nothing restores one)."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(name for name in os.listdir(directory) if TMP_MARKER in name)
+
+
+def _say_leftovers(directory):
+  """Says (process 0) which interrupted saves the trainer's manager is about to remove: Orbax's
+  cleanup_tmp_directories deletes them silently, and a user who saw a folder go wants to know why."""
+  leftovers = leftover_tmp_folders(directory)
+  if leftovers and jax.process_index() == 0:
+    logging.warning("removing %d incomplete checkpoint folder(s) of an interrupted save in %s: %s "
+                    "(never restored; training resumes from the last complete checkpoint)",
+                    len(leftovers), directory, ", ".join(leftovers))
 
 
 def save(manager, step, state, data_iterator, meta, metrics=None):
