@@ -80,16 +80,23 @@ def main(argv):
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/demo_synthetic.py")
   if _MULTIHOST.value:
+    from mdssd_jax.core import multihost  # pylint: disable=g-import-not-at-top
+    # JAX's heartbeat is the backstop behind train.py's watchdog (config.train.collective_timeout_s),
+    # whose one clear error comes first; the watchdog flushes the console before it ends the process.
+    timeout_s = float(config.get("train", {}).get("collective_timeout_s", 0) or 0)
+    extra = ({"heartbeat_timeout_seconds": multihost.heartbeat_timeout_s(timeout_s)}
+             if timeout_s > 0 else {})
+    multihost.EXIT_HOOKS.append(console.restore_native_output)
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
-  logging.info("JAX process %d of %d, devices: %s", jax.process_index(), jax.process_count(),
-               jax.devices())
-
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+                               **extra)
   mode = _MODE.value
-  if mode == "prepare":
+  if mode == "prepare":   # no devices used: its first line says what it reads
     from mdssd_jax.data import prepare  # pylint: disable=g-import-not-at-top
     prepare.prepare(config)
     return
+  logging.info("JAX process %d of %d, devices: %s", jax.process_index(), jax.process_count(),
+               jax.devices())
   if mode == "coverage":
     if _SUGGEST.value:
       from mdssd_jax.run import anchor_design  # pylint: disable=g-import-not-at-top
