@@ -18,6 +18,7 @@ from configs import common
 from mdssd_jax.data import pipeline
 from mdssd_jax.data import prepare
 from mdssd_jax.data import registry
+from mdssd_jax.data import report
 from mdssd_jax.data import synthetic
 
 tfds.disable_progress_bar()
@@ -234,8 +235,16 @@ def test_tt100k_builds_filters_classes_and_crops_at_full_resolution(tmp_path):
   c.train.global_batch_size = 2
   c.eval.batch_size = 2
   _no_augmentation(c)
+  # The truncated images are found at prepare: refused by name, or skipped and counted.
+  with pytest.raises(report.BadAnnotation, match=r"train/4.jpg: the image cannot be decoded"):
+    prepare.prepare(c)
+  c.data.bad_annotations = "skip"
   summary = prepare.prepare(c)
-  assert list(summary.values()) == [{"train": 4, "test": 2}]
+  assert list(summary.values()) == [{"train": 3, "test": 1}]
+  builder = registry.prepared_builders(registry.get_dataset(c.data), c.data.data_dir, (0,))[0]
+  skipped = report.read(builder.data_path)["splits"]
+  assert [os.path.basename(e["file"]) for e in skipped["train"]["skipped"]] == ["4.jpg"]
+  assert [os.path.basename(e["file"]) for e in skipped["test"]["skipped"]] == ["6.jpg"]
 
   # Records: classes outside the list dropped, boxes normalised by the image's own size.
   train = _read_split(c, "train")
@@ -247,7 +256,7 @@ def test_tt100k_builds_filters_classes_and_crops_at_full_resolution(tmp_path):
                               [100 / height, 200 / width, 116 / height, 212 / width]], atol=1e-6)
   assert len(train[2]["objects"]["label"]) == 0   # image "3": an unlisted sign only
 
-  # Training crops: signs at their real size in pixels, really there; the damaged image skipped.
+  # Training crops: signs at their real size in pixels, really there; no damaged image left.
   sizes = {(x1 - x0, y1 - y0) for objects in signs.values() for cat, (x0, y0, x1, y1) in objects
            if cat in ("pl50", "p11")}
   iterator = pipeline.make_train_iterator(c)
@@ -255,7 +264,6 @@ def test_tt100k_builds_filters_classes_and_crops_at_full_resolution(tmp_path):
   for _ in range(6):
     batch = next(iterator)
     assert batch["image"].shape == (2, 128, 128, 3)
-    assert 3 not in iterator.last_record_indices   # record 3 = the truncated image "4"
     for image, boxes, labels in zip(batch["image"], batch["boxes"], batch["labels"]):
       for box in boxes[labels > 0] * 128:
         w, h = box[2] - box[0], box[3] - box[1]
@@ -266,9 +274,9 @@ def test_tt100k_builds_filters_classes_and_crops_at_full_resolution(tmp_path):
           assert np.abs(centre - SIGN_RGB).max() < 25
           seen += 1
   assert seen >= 6
-  assert iterator.stats.corrupt_images >= 1
+  assert iterator.stats.corrupt_images == 0
 
-  # Eval: full images available, the damaged one masked out and counted.
+  # Eval: full images available; the damaged one was left out at prepare, the batch padded.
   batches = pipeline.make_eval_batches(c, with_original_images=True)
   (batch,) = list(batches)
   np.testing.assert_array_equal(batch["batch_mask"], [True, False])
@@ -278,7 +286,7 @@ def test_tt100k_builds_filters_classes_and_crops_at_full_resolution(tmp_path):
   np.testing.assert_allclose(batch["boxes"][0, :2] * [width, height, width, height],
                              [[150, 120, 174, 140], [20, 200, 33, 214]], atol=1e-3)
   np.testing.assert_array_equal(batch["labels"][0], [1, 2, 0, 0])
-  assert batches.stats.corrupt_images == 1
+  assert batches.stats.corrupt_images == 0
 
 
 # ---- VOC ------------------------------------------------------------------------------------------
