@@ -11,6 +11,7 @@ one; the trainer's next start removes the temporary folder and says so (`make_ma
 import hashlib
 import json
 import os
+import warnings
 
 from absl import logging
 import jax
@@ -191,7 +192,10 @@ def make_reader(directory):
 def restore_as_saved(manager, step):
   """The `state` item of checkpoint `step` as it was saved (host arrays), whatever model wrote it:
   no target structure, so a checkpoint of another class count can be read (fine-tuning)."""
-  return manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))["state"]
+  with warnings.catch_warnings():
+    # "Sharding info not provided when restoring": the arrays become host arrays anyway.
+    warnings.filterwarnings("ignore", message="Sharding info not provided")
+    return manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))["state"]
 
 
 def restore_variables(manager, step, abstract_variables, sharding):
