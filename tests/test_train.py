@@ -129,7 +129,10 @@ def test_nonfinite_loss_stops_with_step_and_keeps_last_checkpoint(data_dir, tmp_
   workdir = str(tmp_path / "nan")
   config = tiny_config(**{"train.num_steps": 40, "train.checkpoint_every_steps": 1,
                           "train.log_every_steps": 1, "train.optimizer": "sgd",
-                          "train.base_lr": 1e12, "train.warmup_steps": 0, "data.data_dir": data_dir})
+                          "train.base_lr": 1e12, "train.warmup_steps": 0, "data.data_dir": data_dir,
+                          # The non-finite path itself: the blow-up guard (test_reliability) would
+                          # stop this run at its first step, before anything turns non-finite.
+                          "train.max_param_norm_growth": 0.0})
   with pytest.raises(train.NonFiniteLossError, match=r"at step \d+") as err:
     train.train_and_evaluate(config, workdir)
   manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"), config.train)
