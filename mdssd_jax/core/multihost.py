@@ -107,7 +107,14 @@ class PeerWatchdog:
   def stop(self):
     self._stop.set()
 
-  def __exit__(self, *exc):
+  def __exit__(self, exc_type, exc, tb):
+    if exc is not None and self._threads and _peer_gone(exc):
+      # A collective failed because a peer went away (Gloo's "Connection reset by peer"): wait for
+      # the heartbeat to name that process (_judge ends this one with its one line) rather than
+      # report the transport's words. A peer that still beats is no dead one: the error stands.
+      deadline = time.monotonic() + self.timeout_s + 2 * self.beat_s
+      while self.failure is None and time.monotonic() < deadline:
+        time.sleep(0.2)
     self.stop()
 
   def _beat(self):
@@ -165,3 +172,15 @@ class PeerWatchdog:
 
 
 _ALIVE_DIR = "mdssd_jax/alive/"
+# How a collective or the coordination service reports a peer that went away mid-operation.
+_PEER_GONE_MARKERS = ("Connection reset by peer", "Connection refused", "Gloo", "UNAVAILABLE",
+                      "DEADLINE_EXCEEDED", "Socket closed", "Broken pipe")
+
+
+def _peer_gone(exc):
+  """Whether `exc` (or what it was raised from) reads as a peer process gone mid-collective."""
+  while exc is not None:
+    if any(marker in str(exc) for marker in _PEER_GONE_MARKERS):
+      return True
+    exc = exc.__cause__ or exc.__context__
+  return False
