@@ -11,7 +11,7 @@ import io
 import os
 import pickle
 import zipfile
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -386,7 +386,8 @@ def _trunk_params(params):
   return params["vgg"]
 
 
-def load_vgg16(path: str, params, source: str = "auto") -> Tuple[Dict[str, Any], Dict[str, Any]]:
+def load_vgg16(path: str, params, source: str = "auto",
+               state: Optional[Mapping[str, np.ndarray]] = None) -> Tuple[Dict[str, Any], Dict[str, Any]]:
   """Detector params with the trunk (conv1_1 .. conv7) replaced by ImageNet VGG16 weights.
 
   Args:
@@ -394,6 +395,7 @@ def load_vgg16(path: str, params, source: str = "auto") -> Tuple[Dict[str, Any],
       ssd.pytorch `vgg16_reducedfc.pth`.
     params: the detector's "params" tree (arrays or ShapeDtypeStructs); only params["vgg"] changes.
     source: "auto" (from the key names), "timm", "torchvision" or "ssd_pytorch".
+    state: the file's state dict when the caller read it already (read_state_dict), else None.
   Returns:
     (new params (trunk leaves np.float32, others untouched), pixel convention dict of the source
     for `mdssd_jax.core.pixels.normalize`).
@@ -412,7 +414,7 @@ def load_vgg16(path: str, params, source: str = "auto") -> Tuple[Dict[str, Any],
                      f"the model's conv1_1 has {conv1[-1]} channels, VGG16's "
                      f"{vgg.VGG16_STAGES[0][0]}: set width_multiplier=1.0 or init_from=''")
 
-  state = read_state_dict(path)
+  state = read_state_dict(path) if state is None else state
   if source == "auto":
     source = detect_source(state.keys())
   if source not in SOURCES:
@@ -497,7 +499,7 @@ def _set(tree, path, value):
 
 
 def load_torchvision_ssd300(path: str, params, head_sources: Tuple[str, ...],
-                            coco_category_ids=None):
+                            coco_category_ids=None, state=None):
   """Detector params with every layer of torchvision's ssd300_vgg16 that fits loaded.
 
   Args:
@@ -507,11 +509,12 @@ def load_torchvision_ssd300(path: str, params, head_sources: Tuple[str, ...],
     coco_category_ids: for each of our labels 1..C, its COCO category id (1..90), when every class is
       a COCO class: the class heads then keep torchvision's background channel and those classes'.
       None: the class heads start fresh.
+    state: the file's state dict when the caller read it already, else None.
   Returns:
     (new params (loaded leaves np.float32), pixel convention, names of the loaded layers, {names of
     the layers that start fresh: why}).
   """
-  state = read_state_dict(path)
+  state = read_state_dict(path) if state is None else state
   if not is_torchvision_ssd300(state.keys()):
     raise ValueError(f"{path}: not torchvision's ssd300_vgg16 (no backbone.features.* and "
                      "head.classification_head.* keys)")

@@ -130,14 +130,16 @@ class Setup:
     if not os.path.isfile(path):
       raise FileNotFoundError(f"config.model.init_from={path}: no such file or folder (a weights "
                               "file, or a workdir / checkpoint folder of this project)")
+    state = pretrained.read_state_dict(path)   # once: a weights file is 100-500 MB
     if model_cfg.init_source in ("auto", "torchvision_ssd300") and pretrained.is_torchvision_ssd300(
-        pretrained.read_state_dict(path).keys()):
+        state.keys()):
       params, convention, loaded, fresh = pretrained.load_torchvision_ssd300(
           path, variables["params"], tuple(model_cfg.head_sources),
-          coco_category_ids=coco_ids_of(self.dataset.class_names))
+          coco_category_ids=coco_ids_of(self.dataset.class_names), state=state)
       _say_what_was_loaded(f"torchvision's SSD300 {path}", loaded, fresh)
       return dict(variables, params=params), convention
-    params, convention = pretrained.load_vgg16(path, variables["params"], source=model_cfg.init_source)
+    params, convention = pretrained.load_vgg16(path, variables["params"],
+                                               source=model_cfg.init_source, state=state)
     logging.info("initialised the VGG16 trunk from %s (pixel convention %s)", path, convention)
     return dict(variables, params=params), convention
 

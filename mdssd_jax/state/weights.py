@@ -15,6 +15,7 @@ import dataclasses
 import os
 from typing import Any, Dict, Mapping, Optional, Tuple
 
+from flax import traverse_util
 import jax
 import numpy as np
 
@@ -140,26 +141,6 @@ def _step_folder(path: str) -> Tuple[str, int]:
                           "(checkpoints/<step>/), or a weights file")
 
 
-def _paths(tree, prefix=()):
-  """{path tuple: leaf} of a nested dict."""
-  if not isinstance(tree, Mapping):
-    return {prefix: tree}
-  out = {}
-  for key, value in tree.items():
-    out.update(_paths(value, prefix + (key,)))
-  return out
-
-
-def _unflatten(flat):
-  tree = {}
-  for path, value in flat.items():
-    node = tree
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = value
-  return tree
-
-
 def init_from_checkpoint(path: str, variables: Mapping[str, Any]):
   """Fresh variables with every array of a trained checkpoint that fits loaded into them.
 
@@ -179,14 +160,10 @@ def init_from_checkpoint(path: str, variables: Mapping[str, Any]):
     saved = checkpointing.restore_as_saved(reader, step)
   finally:
     reader.close()
-  saved_flat = {}
-  for collection in ("params", "batch_stats"):
-    saved_flat.update({(collection,) + p: np.asarray(v)
-                       for p, v in _paths(saved.get(collection) or {}).items()})
-  new_flat = {}
-  for collection in ("params", "batch_stats"):
-    if collection in variables:
-      new_flat.update({(collection,) + p: v for p, v in _paths(variables[collection]).items()})
+  collections = [c for c in ("params", "batch_stats") if c in variables]
+  saved_flat = {p: np.asarray(v) for p, v in traverse_util.flatten_dict(
+      {c: saved.get(c) or {} for c in collections}).items()}
+  new_flat = traverse_util.flatten_dict({c: variables[c] for c in collections})
   # ("params", "vgg", "conv1_1", "conv", "kernel") -> "conv1_1": a conv and its batch norm together.
   layer_of = lambda p: "/".join(k for k in p[1:-1] if k not in ("vgg", "conv", "bn"))
   layers = {}
@@ -204,6 +181,5 @@ def init_from_checkpoint(path: str, variables: Mapping[str, Any]):
     for p in paths:
       new_flat[p] = saved_flat[p].astype(np.asarray(new_flat[p]).dtype)
     loaded.append(layer)
-  out = {collection: tree for collection, tree in _unflatten(new_flat).items()}
-  return out, pixels.as_convention(meta["pixel_convention"]), dict(
+  return traverse_util.unflatten_dict(new_flat), pixels.as_convention(meta["pixel_convention"]), dict(
       loaded=loaded, fresh=fresh, step=step, class_names=list(meta.get("class_names", [])))
