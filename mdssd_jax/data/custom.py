@@ -658,13 +658,12 @@ class CustomDetection(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, split, entries):
     prepare_report = report.for_builder(self)
-    fold_case = False
     class_names = self.builder_config.class_names
     with concurrent.futures.ThreadPoolExecutor(_DECODE_THREADS) as pool:
       for start in range(0, len(entries), _DECODE_CHUNK):
         chunk = entries[start:start + _DECODE_CHUNK]
         for entry, result in zip(chunk, pool.map(
-            lambda e: _example(e, class_names, fold_case), chunk)):
+            lambda e: _example(e, class_names), chunk)):
           prepare_report.tally(split, "images_in_files", int(entry.is_image))
           prepare_report.tally(split, "boxes_in_files", entry.source_boxes)
           if isinstance(result, report.BadAnnotation):
@@ -680,7 +679,7 @@ class CustomDetection(tfds.core.GeneratorBasedBuilder):
           yield entry.key, example
 
 
-def _example(entry: Entry, class_names: Sequence[str], fold_case: bool):
+def _example(entry: Entry, class_names: Sequence[str]):
   """(TFDS example, {counter: n}) of one entry, or the BadAnnotation that refuses it."""
   if entry.error is not None:
     return entry.error
@@ -693,7 +692,7 @@ def _example(entry: Entry, class_names: Sequence[str], fold_case: bool):
     if entry.xml is not None:
       flags = []
       objects = voc.parse_annotation(entry.xml, entry.file, lambda what, n: flags.append((what, n)),
-                                     class_names=class_names, fold_case=fold_case,
+                                     class_names=class_names, fold_case=False,   # names as written
                                      image_size_px=size)
       for k, obj in enumerate(objects):
         clipped, inverted = flags[2 * k][1], flags[2 * k + 1][1]
